@@ -1,0 +1,1 @@
+"""One file per op: Triton kernels → launchers → torch.library registration → backend dispatch."""
