@@ -397,7 +397,7 @@ def semdedup_keep(x: Tensor, eps: Sequence[float] | Tensor) -> Tensor:
 
 
 def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
-    """Spherical assignment: ``argmax_k cos(x_i, c_k)`` and that cosine. ``x [n, D]``, ``centroids [K, D]``."""
+    """Spherical assignment. ``x [n, D]``, ``centroids [K, D]`` → ``(max_k cos(x_i, c_k) [n], argmax_k [n])``."""
     xn = x / x.norm(dim=1, keepdim=True)
     cn = centroids / centroids.norm(dim=1, keepdim=True)
     sim, idx = (xn @ cn.T).max(dim=1)
