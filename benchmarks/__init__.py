@@ -1,0 +1,1 @@
+"""Benchmark harness and scripts for clipcid_fast (see benchmarks/README.md)."""
