@@ -8,8 +8,22 @@ from __future__ import annotations
 
 from . import reference
 from ._backend import summary as backend_summary
-from .functional import row_logsumexp
+from .functional import crd_loss, distill_clip_loss, relational_distill, relational_kd_rows, row_logsumexp
+from .losses import ClipKDLoss, ClipRDLoss, FusedDistillClipLoss, InstanceDiscriminationLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend_summary", "reference", "row_logsumexp"]
+__all__ = [
+    "ClipKDLoss",
+    "ClipRDLoss",
+    "FusedDistillClipLoss",
+    "InstanceDiscriminationLoss",
+    "__version__",
+    "backend_summary",
+    "crd_loss",
+    "distill_clip_loss",
+    "reference",
+    "relational_distill",
+    "relational_kd_rows",
+    "row_logsumexp",
+]

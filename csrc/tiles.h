@@ -3,6 +3,9 @@
 #pragma once
 #include <math.h>
 #include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
 
 #if defined(__CUDACC__)
 #define CLIPCID_HD __host__ __device__ __forceinline__
@@ -92,5 +95,71 @@ CLIPCID_HD float margin_psi(float c, const Margin& p, float* dpsi_dc) {
   *dpsi_dc = inside ? p.m1 * sinf(t) / sin_theta : 0.0f;
   return cosf(t) - p.m3;
 }
+
+// ---------------------------------------------------------------------------------------------
+// exp for the tile loops: Cephes' expf (range reduction x = n ln2 + r with ln2 split in two, degree-5
+// polynomial for e^r on |r| <= ln2/2), about 1 ulp. Branch-free plain arithmetic, so `#pragma omp
+// simd` loops vectorise it (libm's expf does not vectorise without -ffast-math). Inputs below about
+// -87.7 (n = -127, e^x under the smallest normal float) give exactly 0, so -inf -> 0 as the online
+// softmax needs; above 88.7 it saturates.
+// NaN is not propagated (the kernels only see finite logits minus finite maxima).
+CLIPCID_HD float fast_expf(float x) {
+  x = x < -88.0f ? -88.0f : x;
+  x = x > 88.72283f ? 88.72283f : x;
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (exact for |x / ln2| < 2^22, no call to rintf)
+  const float shifter = 12582912.0f;
+  const float nf = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  // 2^n through the exponent bits; n = -127 (x < -87.7) gives the bit pattern of 0.
+  const int32_t n = static_cast<int32_t>(nf);
+  union {
+    int32_t i;
+    float f;
+  } two_n;
+  two_n.i = (n + 127) << 23;
+  return er * two_n.f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+// fast_expf on 8 lanes (AVX2 + FMA intrinsics), the same Cephes polynomial and the same results up to FMA
+// rounding. GCC does not vectorise fast_expf inside `omp simd` loops under the default -ftrapping-math (its
+// clamps stay branches), so the CPU tile loops call this explicitly. Clamps: x <= -88 (and -inf, NaN) -> 0,
+// x >= 88.72 saturates (finite).
+#define CLIPCID_HAVE_EXP8 1
+inline __m256 fast_exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.0f));  // NaN and -inf -> -88 (max_ps returns the 2nd operand on NaN)
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.72283f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 nf = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(nf, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 er = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i n = _mm256_cvttps_epi32(nf);  // nf is integral
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(er, two_n);
+}
+
+// Sum of the 8 lanes.
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 }  // namespace clipcid

@@ -1,0 +1,310 @@
+"""Loss modules with open_clip's contract: constructor takes the distributed config, and
+
+    forward(image_features, text_features, logit_scale,
+            dist_image_features, dist_text_features, dist_logit_scale, output_dict=False)
+
+``output_dict=True`` returns ``{"<name>_loss": tensor}`` (already weighted: a trainer sums the
+values, as open_clip's does); otherwise a tuple in the same order. Every B×B similarity softmax goes
+through the fused K2 op (``ops/relational_rows.py``); ``impl`` picks its backend.
+
+Teacher features (``dist_*``) are treated as constants: the fused op gives them no gradient
+(open_clip's teacher runs under ``torch.no_grad``; CLIP-KD and CLIP-RD detach their targets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distributed import gather_rows
+from .ops.relational_rows import relational_distill, relational_kd_rows
+
+__all__ = ["ClipKDLoss", "ClipRDLoss", "FusedDistillClipLoss", "InstanceDiscriminationLoss"]
+
+LN_INV_007 = math.log(1 / 0.07)
+"""CLIP-KD / CLIP-RD's initial raw logit-scale parameters (used without exp)."""
+
+
+def _mean_pair(pair: tuple[Tensor, Tensor]) -> Tensor:
+    return (pair[0].mean() + pair[1].mean()) / 2
+
+
+class _GatheredLoss(nn.Module):
+    """open_clip's distributed constructor arguments and its feature gather."""
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: launch with torchrun (torch.distributed)")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # accepted for compatibility: labels are implicit (a diagonal)
+        self.rank = rank
+        self.world_size = world_size
+        self.impl = impl
+
+    def _gather(self, x: Tensor) -> Tensor:
+        return gather_rows(
+            x,
+            rank=self.rank,
+            world_size=self.world_size,
+            with_grad=self.gather_with_grad,
+            local_slot_grad=not self.local_loss,
+        )
+
+    def _gather_teacher(self, x: Tensor) -> Tensor:
+        return gather_rows(x.detach(), rank=self.rank, world_size=self.world_size, with_grad=False)
+
+    @staticmethod
+    def _check(**tensors: Tensor) -> None:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        for k, v in tensors.items():
+            if not isinstance(v, Tensor) or v.dim() != 2:
+                raise ValueError(f"{k} must be a 2-D tensor [batch, dim], got {shapes.get(k, type(v).__name__)}")
+        batches = {v.shape[0] for v in tensors.values()}
+        if len(batches) != 1:
+            raise ValueError(f"all features must have the same batch size, got {shapes}")
+
+
+class FusedDistillClipLoss(_GatheredLoss):
+    """Drop-in for ``open_clip.loss.DistillClipLoss``: same constructor, forward, values and student gradients.
+
+    Returns ``(contrastive_loss, distill_loss)`` or ``{"contrastive_loss", "distill_loss"}``. With
+    ``world_size > 1`` features are all-gathered as open_clip does; ``local_loss=True`` computes only
+    this rank's rows (its images against all texts and its texts against all images), otherwise every
+    rank computes the global loss. Extra memory is O(B), never B×B.
+    """
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        dist_image_features: Tensor,
+        dist_text_features: Tensor,
+        dist_logit_scale: Tensor | float,
+        output_dict: bool = False,
+    ):
+        self._check(
+            image_features=image_features,
+            text_features=text_features,
+            dist_image_features=dist_image_features,
+            dist_text_features=dist_text_features,
+        )
+        img, txt = self._gather(image_features), self._gather(text_features)
+        t_img, t_txt = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
+        if self.world_size > 1 and self.local_loss:
+            offset = image_features.shape[0] * self.rank
+            kw = dict(impl=self.impl)
+            hard_i = relational_kd_rows(image_features, txt, logit_scale, kind="ce", target_offset=offset, **kw)
+            hard_t = relational_kd_rows(text_features, img, logit_scale, kind="ce", target_offset=offset, **kw)
+            local_t_img, local_t_txt = dist_image_features.detach(), dist_text_features.detach()
+            soft_i = relational_kd_rows(image_features, txt, logit_scale, local_t_img, t_txt, dist_logit_scale,
+                                        kind="ce", **kw)  # fmt: skip
+            soft_t = relational_kd_rows(text_features, img, logit_scale, local_t_txt, t_img, dist_logit_scale,
+                                        kind="ce", **kw)  # fmt: skip
+            contrastive = (hard_i.mean() + hard_t.mean()) / 2
+            distill = (soft_i.mean() + soft_t.mean()) / 2
+        else:
+            hr, hc, sr, sc = relational_distill(img, txt, logit_scale, t_img, t_txt, dist_logit_scale, kind="ce",
+                                                impl=self.impl)  # fmt: skip
+            contrastive = (hr.mean() + hc.mean()) / 2
+            distill = (sr.mean() + sc.mean()) / 2
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
+class ClipKDLoss(_GatheredLoss):
+    """CLIP-KD (Yang et al., CVPR 2024): ``task + α_crd·CRD + α_icl·ICL + α_fd·FD + α_cross·crossKD``.
+
+    Defaults are CLIP-KD's recipe (α_crd = 1, α_icl = 1, α_fd = 2000, cross-KD off). Holds CLIP-KD's
+    ``cross_logit_scale`` parameter (raw multiplier, init ln(1/0.07)). Student features are
+    L2-normalised here (``normalize_student``), as CLIP-KD's loss does; teacher features are used as
+    given (normalised by the teacher model). Losses are over the global (all-gathered) batch.
+    Keys: ``task_loss, crd_loss, icl_loss, fd_loss, cross_kd_loss`` (zero-weight terms are skipped).
+    """
+
+    def __init__(
+        self,
+        crd_weight: float = 1.0,
+        icl_weight: float = 1.0,
+        fd_weight: float = 2000.0,
+        cross_kd_weight: float = 0.0,
+        cross_logit_scale_init: float = LN_INV_007,
+        normalize_student: bool = True,
+        **dist_kwargs,
+    ) -> None:
+        super().__init__(**dist_kwargs)
+        self.weights = {"crd": crd_weight, "icl": icl_weight, "fd": fd_weight, "cross_kd": cross_kd_weight}
+        self.cross_logit_scale = nn.Parameter(torch.tensor(float(cross_logit_scale_init)))
+        self.normalize_student = normalize_student
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        dist_image_features: Tensor,
+        dist_text_features: Tensor,
+        dist_logit_scale: Tensor | float,
+        output_dict: bool = False,
+    ):
+        self._check(image_features=image_features, text_features=text_features,
+                    dist_image_features=dist_image_features, dist_text_features=dist_text_features)  # fmt: skip
+        if self.normalize_student:
+            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        s_i, s_t = self._gather(image_features), self._gather(text_features)
+        t_i, t_t = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
+        w, k, impl = self.weights, self.cross_logit_scale, self.impl
+        out = {}
+        if w["crd"]:
+            hr, hc, sr, sc = relational_distill(s_i, s_t, logit_scale, t_i, t_t, dist_logit_scale, kind="kl", impl=impl)
+            out["task_loss"] = (hr.mean() + hc.mean()) / 2
+            out["crd_loss"] = w["crd"] * (sr.mean() + sc.mean()) / 2
+        else:
+            out["task_loss"] = _mean_pair(relational_kd_rows(s_i, s_t, logit_scale, kind="ce", direction="both",
+                                                             impl=impl))  # fmt: skip
+        if w["icl"]:
+            icl = relational_kd_rows(s_i, t_t, k, kind="ce", impl=impl).mean()
+            icl = icl + relational_kd_rows(s_t, t_i, k, kind="ce", impl=impl).mean()
+            out["icl_loss"] = w["icl"] * icl / 2
+        if w["fd"]:
+            out["fd_loss"] = w["fd"] * (F.mse_loss(s_i, t_i) + F.mse_loss(s_t, t_t))
+        if w["cross_kd"]:
+            ck = relational_kd_rows(s_i, t_t, k, t_i, t_t, dist_logit_scale, kind="kl", impl=impl).mean()
+            ck = ck + relational_kd_rows(s_t, t_i, k, t_t, t_i, dist_logit_scale, kind="kl", impl=impl).mean()
+            out["cross_kd_loss"] = w["cross_kd"] * ck / 2
+        return out if output_dict else tuple(out.values())
+
+
+class ClipRDLoss(ClipKDLoss):
+    """CLIP-RD: CLIP-KD's terms plus VRD and XRD (``Rosieyang01/CLIP-RD`` ``KDClipLoss``).
+
+    ``task + α_hrd·HRD + α_icl·ICL + α_fd·FD + α_vrd·(VRD_kl + VRD_ce_image + VRD_ce_text) + α_xrd·XRD``,
+    defaults from its ``ViT_T_16_RD.sh`` (all 1, α_fd = 2000). HRD is CLIP-KD's CRD. Holds the
+    ``image_logit_scale``, ``text_logit_scale`` and ``cross_logit_scale`` parameters (raw, init
+    ln(1/0.07)). Keys: ``task_loss, hrd_loss, icl_loss, fd_loss, vrd_loss, xrd_loss``.
+    """
+
+    def __init__(
+        self,
+        hrd_weight: float = 1.0,
+        icl_weight: float = 1.0,
+        fd_weight: float = 2000.0,
+        vrd_weight: float = 1.0,
+        xrd_weight: float = 1.0,
+        logit_scale_init: float = LN_INV_007,
+        normalize_student: bool = True,
+        **dist_kwargs,
+    ) -> None:
+        super().__init__(
+            crd_weight=hrd_weight,
+            icl_weight=icl_weight,
+            fd_weight=fd_weight,
+            cross_logit_scale_init=logit_scale_init,
+            normalize_student=normalize_student,
+            **dist_kwargs,
+        )
+        self.weights.update(vrd=vrd_weight, xrd=xrd_weight)
+        self.image_logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.text_logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        dist_image_features: Tensor,
+        dist_text_features: Tensor,
+        dist_logit_scale: Tensor | float,
+        output_dict: bool = False,
+    ):
+        out = super().forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                              dist_logit_scale, output_dict=True)  # fmt: skip
+        if "crd_loss" in out:
+            out["hrd_loss"] = out.pop("crd_loss")
+        out = {k: out[k] for k in ("task_loss", "hrd_loss", "icl_loss", "fd_loss") if k in out}
+        if self.normalize_student:
+            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        s_i, s_t = self._gather(image_features), self._gather(text_features)
+        t_i, t_t = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
+        w, impl = self.weights, self.impl
+        k_i, k_t, k_c = self.image_logit_scale, self.text_logit_scale, self.cross_logit_scale
+        if w["vrd"]:
+            # rows: KL(κ_I T_I S_Iᵀ ‖ sg κ_T T_T S_Tᵀ); columns: the same pair transposed = KL(ST_I ‖ sg ST_T)
+            kl = _mean_pair(relational_kd_rows(t_i, s_i, k_i, t_t, s_t, k_t, kind="kl", direction="both", impl=impl))
+            ce_i = _mean_pair(relational_kd_rows(t_i, s_i, k_i, kind="ce", direction="both", impl=impl))
+            ce_t = _mean_pair(relational_kd_rows(t_t, s_t, k_t, kind="ce", direction="both", impl=impl))
+            out["vrd_loss"] = w["vrd"] * (kl + ce_i + ce_t)
+        if w["xrd"]:
+            # TIST vs TTSI (rows) and STTI vs SITT (its columns); then the same with roles swapped
+            a = relational_kd_rows(t_i, s_t, k_c, t_t, s_i, k_c, kind="kl", direction="both", impl=impl)
+            b = relational_kd_rows(t_t, s_i, k_c, t_i, s_t, k_c, kind="kl", direction="both", impl=impl)
+            out["xrd_loss"] = w["xrd"] * (a[0].mean() + a[1].mean() + b[0].mean() + b[1].mean()) / 4
+        return out if output_dict else tuple(out.values())
+
+
+class InstanceDiscriminationLoss(_GatheredLoss):
+    """CLIP-CID instance discrimination (reconstruction; see README "Modelling choices" 4).
+
+    ``½ [CE(κ S_I T_Tᵀ) + CE(κ T_T S_Iᵀ)]`` (student image ↔ teacher text, both ways) with a learnable
+    raw scale κ (init ln(1/0.07), CLIP-KD's ICL convention); ``use_student_text=True`` switches to
+    ``½ [CE(κ S_I T_Tᵀ) + CE(κ S_T T_Iᵀ)]``. ``logit_scale`` / ``dist_logit_scale`` are accepted for
+    the open_clip signature and unused. Key: ``instance_loss``.
+    """
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        scale_init: float = LN_INV_007,
+        use_student_text: bool = False,
+        normalize_student: bool = True,
+        **dist_kwargs,
+    ) -> None:
+        super().__init__(**dist_kwargs)
+        self.weight = weight
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.use_student_text = use_student_text
+        self.normalize_student = normalize_student
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor | None,
+        logit_scale: Tensor | float | None,
+        dist_image_features: Tensor | None,
+        dist_text_features: Tensor,
+        dist_logit_scale: Tensor | float | None = None,
+        output_dict: bool = False,
+    ):
+        if self.normalize_student:
+            image_features = F.normalize(image_features, dim=-1)
+        s_i, t_t = self._gather(image_features), self._gather_teacher(dist_text_features)
+        if self.use_student_text:
+            if text_features is None or dist_image_features is None:
+                raise ValueError("use_student_text=True needs text_features and dist_image_features")
+            if self.normalize_student:
+                text_features = F.normalize(text_features, dim=-1)
+            s_t, t_i = self._gather(text_features), self._gather_teacher(dist_image_features)
+            loss = relational_kd_rows(s_i, t_t, self.scale, kind="ce", impl=self.impl).mean()
+            loss = (loss + relational_kd_rows(s_t, t_i, self.scale, kind="ce", impl=self.impl).mean()) / 2
+        else:
+            loss = _mean_pair(relational_kd_rows(s_i, t_t, self.scale, kind="ce", direction="both", impl=self.impl))
+        loss = self.weight * loss
+        return {"instance_loss": loss} if output_dict else loss
