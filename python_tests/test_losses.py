@@ -158,3 +158,19 @@ def test_modules_reject_bad_config_and_shapes():
         FusedDistillClipLoss()(s_i, s_t[:4], 10.0, t_i, t_t, 10.0)
     with pytest.raises(ValueError, match="2-D"):
         FusedDistillClipLoss()(s_i[0], s_t, 10.0, t_i, t_t, 10.0)
+
+
+@pytest.mark.parametrize("cls", [FusedDistillClipLoss, ClipKDLoss, ClipRDLoss, InstanceDiscriminationLoss])
+def test_loss_modules_compile_fullgraph(cls):
+    raw_i, raw_t, t_i, t_t = _features(9, 8, 4)
+    mod = cls()
+    ls, tls = torch.tensor(10.0, requires_grad=True), torch.tensor(30.0)
+    compiled = torch.compile(mod, fullgraph=True, backend="eager")
+    got = compiled(raw_i, raw_t, ls, t_i, t_t, tls, output_dict=True)
+    want = mod(raw_i, raw_t, ls, t_i, t_t, tls, output_dict=True)
+    assert list(got) == list(want)
+    for k in want:
+        _close(got[k], want[k])
+    (g,) = torch.autograd.grad(sum(got.values()), [raw_i])
+    (w,) = torch.autograd.grad(sum(want.values()), [raw_i])
+    _close(g, w)
