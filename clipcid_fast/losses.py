@@ -165,12 +165,24 @@ class ClipKDLoss(_GatheredLoss):
         dist_logit_scale: Tensor | float,
         output_dict: bool = False,
     ):
+        s_i, s_t, t_i, t_t = self._prepare(image_features, text_features, dist_image_features, dist_text_features)
+        out = self._terms(s_i, s_t, t_i, t_t, logit_scale, dist_logit_scale)
+        return out if output_dict else tuple(out.values())
+
+    def _prepare(self, image_features, text_features, dist_image_features, dist_text_features):
+        """Check, normalise the student (CLIP-KD does it in the loss) and all-gather, once per forward."""
         self._check(image_features=image_features, text_features=text_features,
                     dist_image_features=dist_image_features, dist_text_features=dist_text_features)  # fmt: skip
         if self.normalize_student:
             image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-        s_i, s_t = self._gather(image_features), self._gather(text_features)
-        t_i, t_t = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
+        return (
+            self._gather(image_features),
+            self._gather(text_features),
+            self._gather_teacher(dist_image_features),
+            self._gather_teacher(dist_text_features),
+        )
+
+    def _terms(self, s_i, s_t, t_i, t_t, logit_scale, dist_logit_scale) -> dict[str, Tensor]:
         w, k, impl = self.weights, self.cross_logit_scale, self.impl
         out = {}
         if w["crd"]:
@@ -190,7 +202,7 @@ class ClipKDLoss(_GatheredLoss):
             ck = relational_kd_rows(s_i, t_t, k, t_i, t_t, dist_logit_scale, kind="kl", impl=impl).mean()
             ck = ck + relational_kd_rows(s_t, t_i, k, t_t, t_i, dist_logit_scale, kind="kl", impl=impl).mean()
             out["cross_kd_loss"] = w["cross_kd"] * ck / 2
-        return out if output_dict else tuple(out.values())
+        return out
 
 
 class ClipRDLoss(ClipKDLoss):
@@ -225,25 +237,11 @@ class ClipRDLoss(ClipKDLoss):
         self.image_logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.text_logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor | float,
-        dist_image_features: Tensor,
-        dist_text_features: Tensor,
-        dist_logit_scale: Tensor | float,
-        output_dict: bool = False,
-    ):
-        out = super().forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                              dist_logit_scale, output_dict=True)  # fmt: skip
+    def _terms(self, s_i, s_t, t_i, t_t, logit_scale, dist_logit_scale) -> dict[str, Tensor]:
+        out = super()._terms(s_i, s_t, t_i, t_t, logit_scale, dist_logit_scale)
         if "crd_loss" in out:
             out["hrd_loss"] = out.pop("crd_loss")
         out = {k: out[k] for k in ("task_loss", "hrd_loss", "icl_loss", "fd_loss") if k in out}
-        if self.normalize_student:
-            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-        s_i, s_t = self._gather(image_features), self._gather(text_features)
-        t_i, t_t = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
         w, impl = self.weights, self.impl
         k_i, k_t, k_c = self.image_logit_scale, self.text_logit_scale, self.cross_logit_scale
         if w["vrd"]:
@@ -257,7 +255,7 @@ class ClipRDLoss(ClipKDLoss):
             a = relational_kd_rows(t_i, s_t, k_c, t_t, s_i, k_c, kind="kl", direction="both", impl=impl)
             b = relational_kd_rows(t_t, s_i, k_c, t_i, s_t, k_c, kind="kl", direction="both", impl=impl)
             out["xrd_loss"] = w["xrd"] * (a[0].mean() + a[1].mean() + b[0].mean() + b[1].mean()) / 4
-        return out if output_dict else tuple(out.values())
+        return out
 
 
 class InstanceDiscriminationLoss(_GatheredLoss):
