@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from . import reference
 from ._backend import summary as backend_summary
-from .functional import crd_loss, distill_clip_loss, relational_distill, relational_kd_rows, row_logsumexp
+from .functional import (
+    crd_loss,
+    distill_clip_loss,
+    masked_max_similarity,
+    nearest_centroid,
+    relational_distill,
+    relational_kd_rows,
+    row_logsumexp,
+    semdedup_keep,
+)
 from .losses import ClipKDLoss, ClipRDLoss, FusedDistillClipLoss, InstanceDiscriminationLoss
 
 __version__ = "0.1.0"
@@ -22,8 +31,11 @@ __all__ = [
     "backend_summary",
     "crd_loss",
     "distill_clip_loss",
+    "masked_max_similarity",
+    "nearest_centroid",
     "reference",
     "relational_distill",
     "relational_kd_rows",
     "row_logsumexp",
+    "semdedup_keep",
 ]
