@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import reference
 from ._backend import summary as backend_summary
 from .functional import (
+    cluster_discrimination_loss,
     crd_loss,
     distill_clip_loss,
     masked_max_similarity,
@@ -29,6 +30,7 @@ __all__ = [
     "InstanceDiscriminationLoss",
     "__version__",
     "backend_summary",
+    "cluster_discrimination_loss",
     "crd_loss",
     "distill_clip_loss",
     "masked_max_similarity",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _validate
 from ._backend import resolve
+from .ops.margin_softmax import cluster_discrimination_loss, margin_softmax_stats
 from .ops.masked_max_sim import masked_max_similarity, nearest_centroid, semdedup_keep
 from .ops.relational_rows import crd_loss, distill_clip_loss, relational_distill, relational_kd_rows
 from .ops.row_logsumexp import row_logsumexp_op
@@ -17,8 +18,10 @@ from .ops.row_logsumexp import row_logsumexp_op
 # The fused ops validate their own arguments in their op files; they are re-exported here so one
 # module lists every public functional entry point.
 __all__ = [
+    "cluster_discrimination_loss",
     "crd_loss",
     "distill_clip_loss",
+    "margin_softmax_stats",
     "masked_max_similarity",
     "nearest_centroid",
     "relational_distill",

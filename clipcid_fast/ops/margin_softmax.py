@@ -1,0 +1,701 @@
+"""K1: cluster-discrimination margin softmax over up to millions of class centres, never storing B×N.
+
+Computes :func:`clipcid_fast.reference.margin_softmax_shard_stats`: embeddings ``x [B, D]`` and centres
+``W [N, D]`` (both L2-normalised inside, gradients through the normalisation), labels ``[B]`` int64 in
+``[0, N)`` or ``−1`` (target not on this shard); logits ``z_ij = s·cos θ_ij`` with the target column
+replaced by ``s·ψ(cos θ_iy)`` (``ψ`` = :func:`~clipcid_fast.reference.combined_margin`). The op returns
+the per-row ``lse`` over this shard and the ``target`` logit (0 where the label is −1). Its backward takes
+a gradient for each, so a class-sharded loss ``logsumexp_ranks(lse) − Σ_ranks target`` backpropagates
+through every shard; the single-device loss is ``lse − target``.
+
+Faces:
+
+* C++ CPU (``csrc/cpu/margin_softmax.cpp``): W streamed in tiles normalised into fp32, one MKL GEMM per
+  tile, an online log-sum-exp per row; the backward recomputes each tile from the saved lse
+  (3 GEMMs per tile). fp32 / bf16 storage, fp32 math. For a "mean" / "sum" loss that needs gradients,
+  a single pass (``margin_softmax_fused_grad``: row chunks of 64–128 × all N logits, gradients computed in
+  the forward, 3 GEMMs per tile in all) and a backward that only scales them.
+* Triton (GPU; on CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over row blocks, and
+  backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one row.
+  Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
+  and are computed outside the kernels with the reference's own ``combined_margin``.
+* the reference (float64 and float16 on CPU, and the fallback).
+
+Extra memory of the fused backends: O(B·D + tile·(B + D) + N) floats, never O(B·N).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import _validate, reference
+from .._backend import resolve
+from ._triton import jit, tl, triton
+
+REDUCTIONS = ("none", "mean", "sum")
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels. Features are loaded whole along D (next power of two, masked); the normalisation
+# enters as per-row inverse norms (ix for x, iw for W) computed once outside, O(B + N). Dots are fp32
+# with input_precision="ieee" (TF32 would move s·cos by ~1e-2 at s = 32).
+# --------------------------------------------------------------------------------------------------
+
+
+@jit
+def _ms_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    ix_ptr,
+    iw_ptr,
+    lab_ptr,
+    tgt_ptr,
+    lse_ptr,
+    B,
+    N,
+    D,
+    s_x,
+    s_w,
+    scale,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    rmask = rows < B
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    xb = xb.to(tl.float32)  # bf16 is loaded then widened (the interpreter mis-handles bf16 arithmetic)
+    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0) * scale
+    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK_B], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < N
+        wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
+        z = tl.dot(xb, tl.trans(wb.to(tl.float32)), input_precision="ieee") * ix[:, None] * iw[None, :]
+        z = tl.where(cols[None, :] == lab[:, None], tg[:, None], z)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+    tl.store(lse_ptr + rows, m + tl.log(acc), mask=rmask)
+
+
+@jit
+def _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale):
+    """d loss / d cos for a [BLOCK_B, BLOCK_N] tile of raw logits z = s·cos (target column: s·ψ)."""
+    is_t = cols[None, :] == lab[:, None]
+    z = tl.where(is_t, tg[:, None], z)
+    p = tl.exp(z - lse[:, None])
+    return tl.where(is_t, scale * dpsi[:, None] * (gl[:, None] * p + gt[:, None]), scale * gl[:, None] * p)
+
+
+@jit
+def _ms_bwd_dx_kernel(
+    x_ptr,
+    w_ptr,
+    ix_ptr,
+    iw_ptr,
+    lab_ptr,
+    tgt_ptr,
+    lse_ptr,
+    gl_ptr,
+    gt_ptr,
+    dpsi_ptr,
+    dxh_ptr,
+    B,
+    N,
+    D,
+    s_x,
+    s_w,
+    scale,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # dX_hat[i] = Σ_j dcos_ij · W_hat[j]   (one program per block of rows: no shared writes)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    rmask = rows < B
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    xb = xb.to(tl.float32)
+    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
+    gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
+    dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < N
+        wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        wb = wb.to(tl.float32)
+        iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
+        z = tl.dot(xb, tl.trans(wb), input_precision="ieee") * (ix * scale)[:, None] * iw[None, :]
+        d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
+        d = tl.where(cmask[None, :], d * iw[None, :], 0.0)
+        acc += tl.dot(d, wb, input_precision="ieee")
+    tl.store(dxh_ptr + rows[:, None] * BLOCK_D + dofs[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@jit
+def _ms_bwd_dw_kernel(
+    x_ptr,
+    w_ptr,
+    ix_ptr,
+    iw_ptr,
+    lab_ptr,
+    tgt_ptr,
+    lse_ptr,
+    gl_ptr,
+    gt_ptr,
+    dpsi_ptr,
+    dwh_ptr,
+    B,
+    N,
+    D,
+    s_x,
+    s_w,
+    scale,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # dW_hat[j] = Σ_i dcos_ij · X_hat[i]   (one program per block of classes: no shared writes)
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cmask = cols < N
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+    wb = wb.to(tl.float32)
+    iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        rmask = rows < B
+        xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        xb = xb.to(tl.float32)
+        ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
+        lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+        tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
+        gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
+        dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
+        z = tl.dot(xb, tl.trans(wb), input_precision="ieee") * (ix * scale)[:, None] * iw[None, :]
+        d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
+        d = tl.where(rmask[:, None], d * ix[:, None], 0.0)
+        acc += tl.dot(tl.trans(d), xb, input_precision="ieee")
+    tl.store(dwh_ptr + cols[:, None] * BLOCK_D + dofs[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+
+
+def _blocks(D: int) -> dict:
+    # Big tiles: the interpreter's cost is per program step; on a GPU these are fine defaults for D ≤ 512.
+    bd = max(16, triton.next_power_of_2(D))
+    bn = 64 if bd <= 128 else 32
+    return {"BLOCK_B": 32, "BLOCK_N": bn, "BLOCK_D": bd}
+
+
+def _inv_norms(a: Tensor) -> Tensor:
+    return 1.0 / torch.linalg.vector_norm(a, dim=1, dtype=torch.float32)
+
+
+def _dpsi_dc(c: Tensor, m1: float, m2: float) -> Tensor:
+    """dψ/dc of reference.combined_margin (tiles.h margin_psi's derivative): 1 on the plain and
+    fallback paths, m1·sin(m1θ + m2)/sin θ on the arccos path, 0 outside the clamp band."""
+    if m1 == 1.0 and m2 == 0.0:
+        return torch.ones_like(c)
+    eps = reference.ACOS_EPS
+    cc = c.clamp(-1.0 + eps, 1.0 - eps)
+    t = m1 * torch.acos(cc) + m2
+    inside = (c >= -1.0 + eps) & (c <= 1.0 - eps)
+    d = torch.where(inside, m1 * torch.sin(t) / torch.sqrt((1.0 - cc * cc).clamp(min=0.0)), 0.0)
+    return torch.where(t > math.pi, 1.0, d)
+
+
+def _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3):
+    """Target cosine → (s·ψ, dψ/dc) per row, O(B·D); ψ is the reference's combined_margin."""
+    on = labels >= 0
+    safe = labels.clamp(min=0)
+    c = ((x.float() * ix[:, None]) * (w[safe].float() * iw[safe][:, None])).sum(1)
+    tgt = torch.where(on, scale * reference.combined_margin(c, m1, m2, m3), 0.0)
+    return tgt, torch.where(on, _dpsi_dc(c, m1, m2), 0.0)
+
+
+def _triton_fwd(x, w, labels, scale, m1, m2, m3):
+    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    B, D = x.shape
+    N = w.shape[0]
+    ix, iw = _inv_norms(x), _inv_norms(w)
+    tgt, _ = _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3)
+    lse = torch.empty(B, dtype=torch.float32, device=x.device)
+    if B > 0:
+        bl = _blocks(D)
+        grid = (triton.cdiv(B, bl["BLOCK_B"]),)
+        _ms_fwd_kernel[grid](x, w, ix, iw, labels, tgt, lse, B, N, D, x.stride(0), w.stride(0), scale, **bl)
+    return lse, tgt
+
+
+def _triton_bwd(g_lse, g_tgt, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w):
+    x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
+    B, D = x.shape
+    N = w.shape[0]
+    ix, iw = _inv_norms(x), _inv_norms(w)
+    tgt, dpsi = _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3)
+    gl, gt = g_lse.float().contiguous(), g_tgt.float().contiguous()
+    bl = _blocks(D)
+    bd = bl["BLOCK_D"]
+    args = (ix, iw, labels, tgt, lse.float().contiguous(), gl, gt, dpsi)
+    gx = x.new_empty(0)
+    gw = w.new_empty(0)
+    if need_x:
+        dxh = torch.zeros(B, bd, dtype=torch.float32, device=x.device)
+        if B > 0:
+            _ms_bwd_dx_kernel[(triton.cdiv(B, bl["BLOCK_B"]),)](
+                x, w, *args, dxh, B, N, D, x.stride(0), w.stride(0), scale, **bl
+            )
+        gx = _through_norm(dxh[:, :D], x, ix).to(x.dtype)
+    if need_w:
+        dwh = torch.zeros(N, bd, dtype=torch.float32, device=w.device)
+        if B > 0:
+            _ms_bwd_dw_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
+                x, w, *args, dwh, B, N, D, x.stride(0), w.stride(0), scale, **bl
+            )
+        gw = _through_norm(dwh[:, :D], w, iw).to(w.dtype)
+    return gx, gw
+
+
+def _through_norm(g_hat: Tensor, a: Tensor, inv: Tensor) -> Tensor:
+    """Gradient through a_hat = a / ‖a‖: (g − a_hat ⟨g, a_hat⟩) / ‖a‖."""
+    a_hat = a.to(inv.dtype) * inv[:, None]
+    return (g_hat - a_hat * (g_hat * a_hat).sum(1, keepdim=True)) * inv[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference backend (float64 / float16 inputs, and the fallback)
+# --------------------------------------------------------------------------------------------------
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _ref_fwd(x, w, labels, scale, m1, m2, m3):
+    cd = _out_dtype(x)
+    lse, tgt = reference.margin_softmax_shard_stats(x.to(cd), w.to(cd), labels, scale, m1, m2, m3)
+    return lse, tgt
+
+
+def _ref_bwd(g_lse, g_tgt, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w):
+    # Dense B×N (it is the reference): dcos = s·g_lse·P, the target column s·ψ'·(g_lse·P + g_tgt).
+    cd = _out_dtype(x)
+    xc, wc = x.to(cd), w.to(cd)
+    nx, nw = xc.norm(dim=1, keepdim=True), wc.norm(dim=1, keepdim=True)
+    xh, wh = xc / nx, wc / nw  # divide as the forward (reference) does: P_y must match it bit for bit
+    ix, iw = 1.0 / nx[:, 0], 1.0 / nw[:, 0]
+    cos = xh @ wh.T
+    on = labels >= 0
+    safe = labels.clamp(min=0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    c_y = cos[rows, safe]
+    tgt = scale * reference.combined_margin(c_y, m1, m2, m3)
+    onehot = torch.nn.functional.one_hot(safe, cos.shape[1]).to(torch.bool) & on[:, None]
+    g_lse, g_tgt, lse = g_lse.to(cd), g_tgt.to(cd), lse.to(cd)
+    p = torch.exp(torch.where(onehot, tgt[:, None], scale * cos) - lse[:, None])
+    d_y = scale * _dpsi_dc(c_y, m1, m2) * (g_lse * p[rows, safe] + g_tgt)
+    dcos = torch.where(onehot, d_y[:, None], scale * g_lse[:, None] * p)
+    gx = _through_norm(dcos @ wh, xc, ix).to(x.dtype) if need_x else x.new_empty(0)
+    gw = _through_norm(dcos.T @ xh, wc, iw).to(w.dtype) if need_w else w.new_empty(0)
+    return gx, gw
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("clipcid_fast::margin_softmax_stats", mutates_args=())
+def margin_softmax_stats_op(
+    x: Tensor, w: Tensor, labels: Tensor, scale: float, m1: float, m2: float, m3: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    if backend == "cpu":
+        return torch.ops.clipcid_fast_C.margin_softmax_fwd(x.contiguous(), w.contiguous(), labels, scale, m1, m2, m3)
+    if backend == "triton":
+        return _triton_fwd(x, w, labels, scale, m1, m2, m3)
+    return _ref_fwd(x, w, labels, scale, m1, m2, m3)
+
+
+@margin_softmax_stats_op.register_fake
+def _(x, w, labels, scale, m1, m2, m3, backend):
+    dt = _out_dtype(x)
+    return x.new_empty((x.shape[0],), dtype=dt), x.new_empty((x.shape[0],), dtype=dt)
+
+
+@torch.library.custom_op("clipcid_fast::margin_softmax_stats_bwd", mutates_args=())
+def margin_softmax_stats_bwd_op(
+    grad_lse: Tensor,
+    grad_target: Tensor,
+    x: Tensor,
+    w: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    scale: float,
+    m1: float,
+    m2: float,
+    m3: float,
+    need_x: bool,
+    need_w: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "cpu":
+        return torch.ops.clipcid_fast_C.margin_softmax_bwd(
+            grad_lse.contiguous(),
+            grad_target.contiguous(),
+            x.contiguous(),
+            w.contiguous(),
+            labels,
+            lse.contiguous(),
+            scale,
+            m1,
+            m2,
+            m3,
+            need_x,
+            need_w,
+        )
+    if backend == "triton":
+        return _triton_bwd(grad_lse, grad_target, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w)
+    return _ref_bwd(grad_lse, grad_target, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w)
+
+
+@margin_softmax_stats_bwd_op.register_fake
+def _(grad_lse, grad_target, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w, backend):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, labels, scale, m1, m2, m3, backend = inputs
+    ctx.save_for_backward(x, w, labels, output[0])
+    ctx.args = (scale, m1, m2, m3)
+    ctx.backend = backend
+
+
+def _backward(ctx, g_lse, g_tgt):
+    x, w, labels, lse = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x or need_w):
+        return None, None, None, None, None, None, None, None
+    gx, gw = margin_softmax_stats_bwd_op(g_lse, g_tgt, x, w, labels, lse, *ctx.args, need_x, need_w, ctx.backend)
+    return (gx if need_x else None), (gw if need_w else None), None, None, None, None, None, None
+
+
+margin_softmax_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def has_cpu_kernel() -> bool:
+    """True when the C++ kernels are registered (the built extension, or a dev build loaded by hand)."""
+    return hasattr(torch.ops.clipcid_fast_C, "margin_softmax_fwd")
+
+
+if has_cpu_kernel():  # fakes for the raw C++ ops (torch.compile, opcheck)
+    try:
+
+        @torch.library.register_fake("clipcid_fast_C::margin_softmax_fwd")
+        def _(x, w, labels, scale, m1, m2, m3, tile=0):
+            return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+        @torch.library.register_fake("clipcid_fast_C::margin_softmax_bwd")
+        def _(grad_lse, grad_target, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w, tile=0):
+            return (torch.empty_like(x) if need_x else x.new_empty(0)), (
+                torch.empty_like(w) if need_w else w.new_empty(0)
+            )
+
+    except RuntimeError:  # the extension was built without this op
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-pass reduced loss (C++ CPU): gradients computed in the forward, scaled in the backward
+# --------------------------------------------------------------------------------------------------
+
+
+def has_fused_grad_kernel() -> bool:
+    """True when the single-pass C++ op ``margin_softmax_fused_grad`` is registered."""
+    return hasattr(torch.ops.clipcid_fast_C, "margin_softmax_fused_grad")
+
+
+@torch.library.custom_op("clipcid_fast::margin_softmax_fused_loss", mutates_args=())
+def margin_softmax_fused_loss_op(
+    x: Tensor,
+    w: Tensor,
+    labels: Tensor,
+    scale: float,
+    m1: float,
+    m2: float,
+    m3: float,
+    mean: bool,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, d loss/dx, d loss/dw)`` of the "mean" / "sum" reduced loss in one pass over W.
+
+    The reduction fixes the per-row gradient weights at forward time (c_i = 1/B_valid or 1 on rows with a
+    target, 0 elsewhere), so the C++ op computes the gradients with the logits it has just made; the
+    backward only scales them by the scalar grad_output (in place). Gradients that are not needed are
+    returned empty and cost nothing."""
+    on = labels >= 0
+    c = 1.0 / on.sum().clamp(min=1).to(torch.float32) if mean else torch.ones((), dtype=torch.float32)
+    g_lse = torch.where(on, c, 0.0)
+    lse, tgt, gx, gw = torch.ops.clipcid_fast_C.margin_softmax_fused_grad(
+        x.contiguous(), w.contiguous(), labels, g_lse, -g_lse, scale, m1, m2, m3, need_x, need_w
+    )
+    loss = torch.where(on, lse - tgt, 0.0).sum()
+    if mean:
+        loss = loss / on.sum().clamp(min=1)
+    return loss, gx, gw
+
+
+@margin_softmax_fused_loss_op.register_fake
+def _(x, w, labels, scale, m1, m2, m3, mean, need_x, need_w):
+    gx = torch.empty_like(x) if need_x else x.new_empty(0)
+    gw = torch.empty_like(w) if need_w else w.new_empty(0)
+    return x.new_empty((), dtype=torch.float32), gx, gw
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, gx, gw = output
+    ctx.mark_non_differentiable(gx, gw)
+    ctx.set_materialize_grads(False)  # else autograd passes zero tensors of gx / gw's size (N×D) to backward
+    ctx.save_for_backward(gx, gw)
+
+
+def _fused_backward(ctx, g_loss, _gx, _gw):
+    # The stored gradients are scaled in place and handed over (no second N×D buffer); a second backward
+    # through the same graph (retain_graph=True) therefore fails autograd's in-place check instead of
+    # returning wrong numbers.
+    gx, gw = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_loss is None:
+        return (None,) * 10
+    unit = not torch.compiler.is_compiling() and bool(g_loss == 1)
+    if need_x and gx.numel() and not unit:
+        gx.mul_(g_loss.to(gx.dtype))
+    if need_w and gw.numel() and not unit:
+        gw.mul_(g_loss.to(gw.dtype))
+    return (
+        (gx if need_x and gx.numel() else None),
+        (gw if need_w and gw.numel() else None),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+margin_softmax_fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+if has_fused_grad_kernel():
+    try:
+
+        @torch.library.register_fake("clipcid_fast_C::margin_softmax_fused_grad")
+        def _(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, rows=0, tile=0):
+            B = x.shape[0]
+            return (
+                x.new_empty((B,), dtype=torch.float32),
+                x.new_empty((B,), dtype=torch.float32),
+                torch.empty_like(x) if need_x else x.new_empty(0),
+                torch.empty_like(w) if need_w else w.new_empty(0),
+            )
+
+    except RuntimeError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points: validation at the boundary, then one op call
+# --------------------------------------------------------------------------------------------------
+
+
+def _real(name: str, v, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v!r}")
+    return v
+
+
+def _margins(margin, m1, m2, m3) -> tuple[float, float, float]:
+    if not isinstance(margin, (tuple, list)) or len(margin) != 3:
+        raise ValueError(f"margin must be a tuple (m1, m2, m3), got {margin!r}")
+    vals = [m if m is not None else d for m, d in zip((m1, m2, m3), margin)]
+    out = (
+        _real("m1", vals[0], positive=True),
+        _real("m2", vals[1]),
+        _real("m3", vals[2]),
+    )
+    if not 0.0 <= out[1] < math.pi:
+        raise ValueError(f"m2 must be in [0, pi), got {out[1]!r}")
+    return out
+
+
+def _check(embeddings, centres, labels, scale, margin, m1, m2, m3, check_values):
+    _validate.tensor("embeddings", embeddings, ndim=2)
+    _validate.tensor("centres", centres, ndim=2)
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"labels must be a 1-d integer tensor, got shape {tuple(labels.shape)}, dtype {labels.dtype}")
+    _validate.same_device(embeddings=embeddings, centres=centres, labels=labels)
+    B, D = embeddings.shape
+    if B == 0:
+        raise ValueError(f"embeddings must have at least one row (empty batch), got shape {tuple(embeddings.shape)}")
+    if D == 0:
+        raise ValueError(f"embeddings must have at least one feature, got shape {tuple(embeddings.shape)}")
+    if centres.shape[0] == 0:
+        raise ValueError(f"centres must have at least one row, got shape {tuple(centres.shape)}")
+    if centres.shape[1] != D:
+        raise ValueError(f"centres must have D = {D} columns like embeddings, got shape {tuple(centres.shape)}")
+    if labels.shape[0] != B:
+        raise ValueError(f"labels must have B = {B} entries, got shape {tuple(labels.shape)}")
+    s = _real("scale", scale, positive=True)
+    ms = _margins(margin, m1, m2, m3)
+    if check_values and not torch.compiler.is_compiling():
+        N = centres.shape[0]
+        bad = (labels < -1) | (labels >= N)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{i}] = {int(labels[i])} is outside [-1, N) with N = {N}")
+        _validate.finite("embeddings", embeddings)
+        _validate.finite("centres", centres)
+        for name, a in (("embeddings", embeddings), ("centres", centres)):
+            zero = torch.linalg.vector_norm(a, dim=1, dtype=torch.promote_types(a.dtype, torch.float32)) == 0
+            if bool(zero.any()):
+                raise ValueError(f"{name} row {int(zero.nonzero()[0, 0])} has zero norm (cannot be normalised)")
+    return s, ms
+
+
+def _backend_for(impl: str, x: Tensor, w: Tensor) -> str:
+    backend = resolve(impl, x.device)
+    if backend == "cpu" and not has_cpu_kernel():
+        if impl == "cpu":
+            raise ValueError("impl='cpu': the C++ extension was built without margin_softmax; rebuild it")
+        backend = "reference"
+    cpu_dtypes = (torch.float32, torch.bfloat16)
+    if x.dtype == torch.float64 or w.dtype == torch.float64:
+        backend = "reference"
+    if backend == "cpu" and (x.dtype not in cpu_dtypes or w.dtype not in cpu_dtypes):
+        backend = "reference"
+    return backend
+
+
+def margin_softmax_stats(
+    embeddings: Tensor,
+    centres: Tensor,
+    labels: Tensor,
+    scale: float = 32.0,
+    margin: tuple[float, float, float] = (1.0, 0.5, 0.0),
+    impl: str = "auto",
+    *,
+    m1: float | None = None,
+    m2: float | None = None,
+    m3: float | None = None,
+    check_values: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(lse [B], target [B])`` of the margin softmax over this shard of centres.
+
+    Same math as :func:`clipcid_fast.reference.margin_softmax_shard_stats` (labels ``−1``: the row has
+    no target here, ``target = 0``, the row still adds to ``lse``). Differentiable in both outputs, so
+    a class-sharded loss is ``logsumexp_ranks(lse) − Σ_ranks target``. float32 results (float64 for
+    float64 inputs). See :func:`cluster_discrimination_loss` for the arguments.
+    """
+    s, (a, b, c) = _check(embeddings, centres, labels, scale, margin, m1, m2, m3, check_values)
+    backend = _backend_for(impl, embeddings, centres)
+    return margin_softmax_stats_op(embeddings, centres, labels.long(), s, a, b, c, backend)
+
+
+def cluster_discrimination_loss(
+    embeddings: Tensor,
+    centres: Tensor,
+    labels: Tensor,
+    scale: float = 32.0,
+    margin: tuple[float, float, float] = (1.0, 0.5, 0.0),
+    reduction: str = "none",
+    impl: str = "auto",
+    *,
+    m1: float | None = None,
+    m2: float | None = None,
+    m3: float | None = None,
+    check_values: bool = True,
+) -> Tensor:
+    """CLIP-CID cluster discrimination: margin softmax cross-entropy against N class centres.
+
+    ``ℓ_i = logsumexp_j z_ij − z_{i y_i}`` with ``z_ij = s·cos θ_ij`` (j ≠ y_i) and
+    ``z_{i y_i} = s·ψ(cos θ_{i y_i})``, ``ψ = cos(m1·θ + m2) − m3`` (past π: README "Modelling choices" 1).
+    Embeddings and centres are L2-normalised inside; gradients flow to both (through the
+    normalisation) and are exact: no class sampling, no gradient filtering.
+
+    Shapes: ``embeddings [B, D]``, ``centres [N, D]`` (float32 / bfloat16 on the fused backends; float64
+    and float16 take the reference on CPU), ``labels [B]`` integers in ``[0, N)`` or ``−1`` (no target:
+    loss 0, no gradient). ``margin = (m1, m2, m3)``: ArcFace ``(1, m, 0)``, CosFace ``(1, 0, m)``,
+    SphereFace ``(m, 0, 0)``, none ``(1, 0, 0)``; keyword ``m1`` / ``m2`` / ``m3`` override entries.
+    ``reduction``: ``"none"`` → ``[B]``; ``"sum"``; ``"mean"`` over rows with a target (0 if none).
+    ``impl``: ``"auto" | "cpu" | "triton" | "reference"`` (``"cuda"`` has no kernel for this op).
+
+    On the C++ CPU backend, ``reduction="mean"`` / ``"sum"`` with a gradient wanted (grad mode on and
+    embeddings or centres requiring grad) takes a single pass: the gradients are computed in the forward
+    for the reduction's row weights and the backward only scales them by the scalar grad_output
+    (6·B·N·D FLOPs instead of 8·B·N·D; extra memory R·N + B·D floats, R = 128 rows per chunk up to
+    N = 512k, then 64: ≤ 256 MB; bf16 centres also take an fp32 copy and accumulator of W). Centres that
+    do not require grad get no dW work. Such a loss can be backpropagated once (a second backward with
+    ``retain_graph`` raises).
+    ``"none"``, no-grad calls and the other backends use the two-pass path (forward LSE, recomputing
+    backward).
+
+    Validation: shapes, dtypes, an empty batch or no centres, ``scale ≤ 0`` or non-finite, bad margins
+    raise ``ValueError`` always. ``check_values=True`` (default) also reads the values — labels outside
+    ``[−1, N)``, NaN / inf in embeddings or centres, zero-norm rows — which syncs with the device and
+    reads W once; pass ``False`` in a hot loop (the C++ kernel still refuses out-of-range labels with a
+    RuntimeError; NaN inputs then give NaN losses). Under ``torch.compile`` value checks are skipped.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    s, (a, b, c) = _check(embeddings, centres, labels, scale, margin, m1, m2, m3, check_values)
+    backend = _backend_for(impl, embeddings, centres)
+    need_x = torch.is_grad_enabled() and embeddings.requires_grad
+    need_w = torch.is_grad_enabled() and centres.requires_grad
+    if reduction != "none" and (need_x or need_w) and backend == "cpu" and has_fused_grad_kernel():
+        # Single pass: the reduction fixes the per-row gradient weights, so the gradients are made in the
+        # forward (6·B·N·D FLOPs instead of 8·B·N·D for a forward plus a recomputing backward).
+        loss, _, _ = margin_softmax_fused_loss_op(
+            embeddings, centres, labels.long(), s, a, b, c, reduction == "mean", need_x, need_w
+        )
+        return loss
+    lse, tgt = margin_softmax_stats_op(embeddings, centres, labels.long(), s, a, b, c, backend)
+    on = labels >= 0
+    loss = torch.where(on, lse - tgt, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / on.sum().clamp(min=1)

@@ -1,0 +1,504 @@
+// K1: cluster-discrimination margin softmax over N class centres, exact, never storing B x N.
+//
+// Forward (reference.margin_softmax_shard_stats): x [B, D], w [N, D] (fp32 or bf16 storage, both
+// L2-normalised here), labels [B] int64 in [-1, N). Logits z_ij = s cos(theta_ij), the target column
+// replaced by s psi(cos theta_iy) (tiles.h margin_psi). Returns lse [B] (log-sum-exp over this shard)
+// and target [B] (s psi, 0 where labels == -1).
+//
+// Streaming: W is read in tiles of `tile` classes, each normalised into an fp32 buffer; the logits
+// tile [B, tile] = x_hat W_hat_tile^T is one at::mm (MKL, all threads), then an online-LSE update per
+// row (at::parallel_for over rows). Extra memory: x_hat [B, D], one W tile, one logits tile, O(B)
+// states. Backward recomputes each logits tile from the saved lse:
+//   dcos_ij = s g_lse_i P_ij                          (j != y_i)
+//   dcos_iy = s psi'(c_iy) (g_lse_i P_iy + g_tgt_i)     (the target column, labels >= 0)
+// dX_hat += dcos W_hat_tile (addmm into a [B, D] accumulator), dW_hat_tile = dcos^T X_hat (one mm per
+// tile; the tile's rows of grad_w are written once, so there are no races), then the gradient goes
+// through the normalisations: d a = (d a_hat - a_hat <d a_hat, a_hat>) / ||a||. fp32 throughout.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "tiles.h"
+
+namespace {
+
+// Classes per tile: keep the [B, tile] fp32 logits tile around 16 MB, within [512, 8192].
+int64_t pick_tile(int64_t B, int64_t N, int64_t tile) {
+  if (tile <= 0) tile = std::clamp<int64_t>((int64_t{1} << 22) / std::max<int64_t>(B, 1), 512, 8192);
+  return std::max<int64_t>(1, std::min(tile, std::max<int64_t>(N, 1)));
+}
+
+// Rows [r0, r0 + n) of a [R, D] matrix, normalised into out [n, D] fp32; inverse norms into inv [n].
+template <typename T>
+void normalise_rows(const T* src, int64_t r0, int64_t n, int64_t D, float* out, float* inv) {
+  at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const T* row = src + (r0 + r) * D;
+      float* o = out + r * D;
+      float ss = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = static_cast<float>(row[d]);
+        o[d] = v;
+        ss += v * v;
+      }
+      const float iv = 1.0f / std::sqrt(ss);
+      for (int64_t d = 0; d < D; ++d) o[d] *= iv;
+      inv[r] = iv;
+    }
+  });
+}
+
+void normalise_rows_any(const at::Tensor& a, int64_t r0, int64_t n, float* out, float* inv) {
+  const int64_t D = a.size(1);
+  if (a.scalar_type() == at::kFloat)
+    normalise_rows(a.data_ptr<float>(), r0, n, D, out, inv);
+  else
+    normalise_rows(a.data_ptr<at::BFloat16>(), r0, n, D, out, inv);
+}
+
+// grad_a[r] = (g_hat[r] - a_hat[r] <g_hat[r], a_hat[r]>) * inv[r], written in T.
+template <typename T>
+void unnormalise_grad(const float* g_hat, const float* a_hat, const float* inv, int64_t n, int64_t D, T* out) {
+  at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const float* g = g_hat + r * D;
+      const float* h = a_hat + r * D;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += g[d] * h[d];
+      T* o = out + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>((g[d] - h[d] * dot) * inv[r]);
+    }
+  });
+}
+
+void unnormalise_grad_any(const float* g_hat, const float* a_hat, const float* inv, int64_t n, int64_t D,
+                          at::Tensor& out, int64_t r0) {
+  if (out.scalar_type() == at::kFloat)
+    unnormalise_grad(g_hat, a_hat, inv, n, D, out.data_ptr<float>() + r0 * D);
+  else
+    unnormalise_grad(g_hat, a_hat, inv, n, D, out.data_ptr<at::BFloat16>() + r0 * D);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels) {
+  CHECK_CPU(x);
+  CHECK_CPU(w);
+  CHECK_CPU(labels);
+  CHECK_DIM(x, 2);
+  CHECK_DIM(w, 2);
+  CHECK_DIM(labels, 1);
+  CHECK_CONTIGUOUS(x);
+  CHECK_CONTIGUOUS(w);
+  CHECK_FLOAT_OR_BF16(x);
+  CHECK_FLOAT_OR_BF16(w);
+  CHECK_DTYPE(labels, at::kLong);
+  CHECK_SAME_ROWS(x, labels);
+  CLIPCID_CHECK(x.size(1) == w.size(1), "x and w must have the same feature size: ", x.size(1), " vs ", w.size(1));
+  const int64_t N = w.size(0);
+  auto lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.numel(); ++i)
+    CLIPCID_CHECK(lp[i] >= -1 && lp[i] < N, "labels[", i, "] = ", lp[i], " is outside [-1, ", N, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_fwd(const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& labels, double scale, double m1, double m2,
+                                                      double m3, int64_t tile) {
+  check_inputs(x, w, labels);
+  const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto lse = at::empty({B}, f32);
+  auto tgt = at::zeros({B}, f32);
+  if (B == 0) return {lse, tgt};
+  auto lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  const float s = static_cast<float>(scale);
+  const clipcid::Margin mg = clipcid::make_margin(m1, m2, m3);
+
+  auto xh = at::empty({B, D}, f32);
+  auto ix = at::empty({B}, f32);
+  normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
+
+  tile = pick_tile(B, N, tile);
+  auto wbuf = at::empty({tile * D}, f32);
+  auto iw = at::empty({tile}, f32);
+  auto lbuf = at::empty({B * tile}, f32);
+  std::vector<clipcid::OnlineLSE> st(B, clipcid::lse_empty());
+  float* tp = tgt.data_ptr<float>();
+
+  for (int64_t t0 = 0; t0 < N; t0 += tile) {
+    const int64_t n = std::min(tile, N - t0);
+    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
+    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
+    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
+    at::mm_out(lg, xh, wt.t());
+    float* L = lg.data_ptr<float>();
+    at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        float* row = L + i * n;
+        const int64_t y = lp[i] - t0;
+        float target = 0.0f;
+        const bool has_target = (y >= 0 && y < n);
+        if (has_target) {
+          float dpsi;
+          target = s * clipcid::margin_psi(row[y], mg, &dpsi);
+        }
+        float tmax = -INFINITY;
+#pragma omp simd reduction(max : tmax)
+        for (int64_t j = 0; j < n; ++j) {
+          row[j] *= s;
+          tmax = std::max(tmax, row[j]);
+        }
+        if (has_target) {
+          row[y] = target;
+          tp[i] = target;
+          tmax = -INFINITY;  // the margin may lower the row max: recompute it
+#pragma omp simd reduction(max : tmax)
+          for (int64_t j = 0; j < n; ++j) tmax = std::max(tmax, row[j]);
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += clipcid::fast_expf(row[j] - tmax);
+        st[i] = clipcid::lse_merge(st[i], clipcid::OnlineLSE{tmax, sum});
+      }
+    });
+  }
+  float* lo = lse.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) lo[i] = clipcid::lse_value(st[i]);
+  return {lse, tgt};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                                                      const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& labels, const at::Tensor& lse, double scale,
+                                                      double m1, double m2, double m3, bool need_x, bool need_w,
+                                                      int64_t tile) {
+  check_inputs(x, w, labels);
+  CHECK_DTYPE(lse, at::kFloat);
+  const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
+  CLIPCID_CHECK(grad_lse.numel() == B && grad_target.numel() == B && lse.numel() == B,
+                "grad_lse, grad_target and lse must have B = ", B, " elements");
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  auto gw = need_w ? at::empty_like(w) : at::empty({0}, w.options());
+  if (B == 0) {
+    if (need_w) gw.zero_();
+    return {gx, gw};
+  }
+  auto gl = grad_lse.to(at::kFloat).contiguous();
+  auto gt = grad_target.to(at::kFloat).contiguous();
+  auto lsec = lse.contiguous();
+  auto lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  const float* glp = gl.data_ptr<float>();
+  const float* gtp = gt.data_ptr<float>();
+  const float* lsp = lsec.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const clipcid::Margin mg = clipcid::make_margin(m1, m2, m3);
+
+  auto xh = at::empty({B, D}, f32);
+  auto ix = at::empty({B}, f32);
+  normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
+  auto dxh = need_x ? at::zeros({B, D}, f32) : at::Tensor();
+
+  tile = pick_tile(B, N, tile);
+  auto wbuf = at::empty({tile * D}, f32);
+  auto iw = at::empty({tile}, f32);
+  auto lbuf = at::empty({B * tile}, f32);
+  auto dwbuf = need_w ? at::empty({tile * D}, f32) : at::Tensor();
+
+  for (int64_t t0 = 0; t0 < N && (need_x || need_w); t0 += tile) {
+    const int64_t n = std::min(tile, N - t0);
+    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
+    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
+    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
+    at::mm_out(lg, xh, wt.t());
+    float* L = lg.data_ptr<float>();
+    at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        float* row = L + i * n;
+        const int64_t y = lp[i] - t0;
+        const float l = lsp[i], g = glp[i], sg = s * glp[i];
+        float dy = 0.0f;
+        const bool has_target = (y >= 0 && y < n);
+        if (has_target) {
+          float dpsi;
+          const float psi = clipcid::margin_psi(row[y], mg, &dpsi);
+          dy = s * dpsi * (g * clipcid::fast_expf(s * psi - l) + gtp[i]);
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) row[j] = sg * clipcid::fast_expf(s * row[j] - l);
+        if (has_target) row[y] = dy;
+      }
+    });
+    if (need_x) dxh.addmm_(lg, wt);
+    if (need_w) {
+      auto dwt = dwbuf.narrow(0, 0, n * D).view({n, D});
+      at::mm_out(dwt, lg.t(), xh);
+      unnormalise_grad_any(dwt.data_ptr<float>(), wt.data_ptr<float>(), iw.data_ptr<float>(), n, D, gw, t0);
+    }
+  }
+  if (need_x) {
+    if (N == 0) dxh.zero_();
+    unnormalise_grad_any(dxh.data_ptr<float>(), xh.data_ptr<float>(), ix.data_ptr<float>(), B, D, gx, 0);
+  }
+  return {gx, gw};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single pass: margin_softmax_fused_grad. When the per-row gradient weights (g_lse, g_tgt) are known
+// at forward time (a loss reduced with "mean" / "sum": g_lse = c_i, g_tgt = -c_i, c_i = 1 / B_valid or
+// 1 on rows with a target), the gradients are computed in the forward itself and autograd only scales
+// them by the scalar grad_output. Row-chunk outer loop: for R rows all N logits are kept (an R x N fp32
+// buffer, tile-major [N / T][R][T]); pass A (one GEMM per tile of T classes, then the per-row online LSE
+// while the tile is in cache) finishes each row's lse; pass B turns each tile in place into
+// e_ij = dcos_ij / ||w_j|| and feeds it to two GEMMs: dX_hat_chunk += E_tile W_tile and
+// G_tile += E_tile^T X_hat_chunk. W is never normalised into a copy: cos = (x_hat . w_j) / ||w_j||, and
+// with E = dcos / ||w|| the norms cancel: grad_w_j = G_j - w_hat_j <G_j, w_hat_j>. For fp32 W the fp32
+// accumulator G is the returned grad_w itself (finished in place). FLOPs: 2 B N D (logits) +
+// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 256 MB) + B D + N floats (+ an fp32 copy of W and
+// an fp32 [N, D] accumulator when W is bf16).
+
+// z_j = s L_j iw_j in place on one row of a tile; the target column (local index y, or -1) becomes tgt.
+// Returns the row's (max, sum exp) over the tile.
+clipcid::OnlineLSE fused_scale_row(float* row, const float* iw, int64_t n, float s, int64_t y, float tgt) {
+  float tmax = -INFINITY;
+  int64_t j = 0;
+#ifdef CLIPCID_HAVE_EXP8
+  {
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(iw + j)), vs);
+      _mm256_storeu_ps(row + j, v);
+      vm = _mm256_max_ps(vm, v);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    for (float v : lanes) tmax = std::max(tmax, v);
+  }
+#endif
+  for (; j < n; ++j) {
+    row[j] = row[j] * iw[j] * s;
+    tmax = std::max(tmax, row[j]);
+  }
+  if (y >= 0) {
+    const float old = row[y];
+    row[y] = tgt;
+    if (old == tmax) {  // the margin may lower the row max: recompute it
+      tmax = -INFINITY;
+      for (int64_t k = 0; k < n; ++k) tmax = std::max(tmax, row[k]);
+    } else {
+      tmax = std::max(tmax, tgt);
+    }
+  }
+  float sum = 0.0f;
+  j = 0;
+#ifdef CLIPCID_HAVE_EXP8
+  {
+    const __m256 vm = _mm256_set1_ps(tmax);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8)
+      acc = _mm256_add_ps(acc, clipcid::fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm)));
+    sum = clipcid::hsum8(acc);
+  }
+#endif
+  for (; j < n; ++j) sum += clipcid::fast_expf(row[j] - tmax);
+  return clipcid::OnlineLSE{tmax, sum};
+}
+
+// e_j = a exp(z_j - l) iw_j in place (a = s g_lse); the target column (local y, or -1) becomes ey.
+void fused_dcos_row(float* row, const float* iw, int64_t n, float a, float l, int64_t y, float ey) {
+  if (a == 0.0f) {
+    std::fill(row, row + n, 0.0f);
+  } else {
+    int64_t j = 0;
+#ifdef CLIPCID_HAVE_EXP8
+    const __m256 va = _mm256_set1_ps(a), vl = _mm256_set1_ps(l);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 p = clipcid::fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vl));
+      _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_mul_ps(p, va), _mm256_loadu_ps(iw + j)));
+    }
+#endif
+    for (; j < n; ++j) row[j] = a * clipcid::fast_expf(row[j] - l) * iw[j];
+  }
+  if (y >= 0) row[y] = ey;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_grad(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target, double scale, double m1, double m2, double m3, bool need_x, bool need_w,
+    int64_t rows, int64_t tile) {
+  check_inputs(x, w, labels);
+  const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
+  CLIPCID_CHECK(grad_lse.numel() == B && grad_target.numel() == B, "grad_lse and grad_target must have B = ", B,
+                " elements");
+  const auto f32 = x.options().dtype(at::kFloat);
+  const bool w32 = w.scalar_type() == at::kFloat;
+  auto lse = at::empty({B}, f32);
+  auto tgt = at::zeros({B}, f32);
+  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  auto gw = need_w ? (w32 ? at::zeros_like(w) : at::empty_like(w)) : at::empty({0}, w.options());
+  if (B == 0) {
+    if (need_w) gw.zero_();
+    return {lse, tgt, gx, gw};
+  }
+  if (N == 0) {
+    lse.fill_(-INFINITY);
+    if (need_x) gx.zero_();
+    return {lse, tgt, gx, gw};
+  }
+  auto gl = grad_lse.to(at::kFloat).contiguous();
+  auto gt = grad_target.to(at::kFloat).contiguous();
+  auto lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  const float* glp = gl.data_ptr<float>();
+  const float* gtp = gt.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const clipcid::Margin mg = clipcid::make_margin(m1, m2, m3);
+
+  auto xh = at::empty({B, D}, f32);
+  auto ix = at::empty({B}, f32);
+  normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
+  // W as the GEMM operand, unnormalised (fp32 W: no copy), and its inverse row norms.
+  const at::Tensor wf = w32 ? w : w.to(at::kFloat);
+  const float* wp = wf.data_ptr<float>();
+  auto iwt = at::empty({N}, f32);
+  float* iw = iwt.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) {
+      const float* r = wp + j * D;
+      float ss = 0.0f;
+      for (int64_t d = 0; d < D; ++d) ss += r[d] * r[d];
+      iw[j] = 1.0f / std::sqrt(ss);
+    }
+  });
+  at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
+  at::Tensor dxh = need_x ? at::empty({B, D}, f32) : at::Tensor();
+
+  // Rows per chunk: 128 while the R x N buffer stays within 256 MB (N <= 512k), then 64, down to 32
+  // (dW accumulator traffic is (B / R) N D reads and writes: larger R halves it). Classes per tile: 4096.
+  if (rows <= 0) rows = std::clamp<int64_t>(((int64_t{1} << 26) / N) / 32 * 32, 32, 128);
+  const int64_t R = std::min(rows, B);
+  const int64_t T = std::min(tile > 0 ? tile : int64_t{4096}, N);
+  const int64_t nt = (N + T - 1) / T;
+  auto buf = at::empty({R * nt * T}, f32);
+  std::vector<clipcid::OnlineLSE> st(R);
+  std::vector<float> tg(R), dps(R);
+  float* lo = lse.data_ptr<float>();
+  float* to = tgt.data_ptr<float>();
+
+  for (int64_t r0 = 0; r0 < B; r0 += R) {
+    const int64_t r = std::min(R, B - r0);
+    auto xc = xh.narrow(0, r0, r);
+    for (int64_t i = 0; i < r; ++i) {
+      st[i] = clipcid::lse_empty();
+      tg[i] = 0.0f;
+      dps[i] = 0.0f;
+    }
+    // pass A: logits, online LSE
+    for (int64_t k = 0; k < nt; ++k) {
+      const int64_t t0 = k * T, n = std::min(T, N - t0);
+      auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
+      at::mm_out(lt, xc, wf.narrow(0, t0, n).t());
+      float* L = lt.data_ptr<float>();
+      at::parallel_for(0, r, 4, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) {
+          float* row = L + i * n;
+          const int64_t y = lp[r0 + i] - t0;
+          const bool has = (y >= 0 && y < n);
+          float t = 0.0f;
+          if (has) {
+            float d;
+            t = s * clipcid::margin_psi(row[y] * iw[t0 + y], mg, &d);
+            tg[i] = t;
+            dps[i] = d;
+          }
+          st[i] = clipcid::lse_merge(st[i], fused_scale_row(row, iw + t0, n, s, has ? y : -1, t));
+        }
+      });
+    }
+    for (int64_t i = 0; i < r; ++i) {
+      lo[r0 + i] = clipcid::lse_value(st[i]);
+      to[r0 + i] = tg[i];
+    }
+    if (!(need_x || need_w)) continue;
+    // pass B: dcos / ||w|| in place, then the two gradient GEMMs per tile
+    at::Tensor dxc;
+    if (need_x) {
+      dxc = dxh.narrow(0, r0, r);
+      dxc.zero_();
+    }
+    for (int64_t k = 0; k < nt; ++k) {
+      const int64_t t0 = k * T, n = std::min(T, N - t0);
+      auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
+      float* L = lt.data_ptr<float>();
+      at::parallel_for(0, r, 4, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) {
+          const int64_t gi = r0 + i;
+          const int64_t y = lp[gi] - t0;
+          const bool has = (y >= 0 && y < n);
+          const float l = lo[gi], g = glp[gi];
+          float ey = 0.0f;
+          if (has) ey = s * dps[i] * (g * clipcid::fast_expf(tg[i] - l) + gtp[gi]) * iw[t0 + y];
+          fused_dcos_row(L + i * n, iw + t0, n, s * g, l, has ? y : -1, ey);
+        }
+      });
+      auto wt = wf.narrow(0, t0, n);
+      if (need_x) dxc.addmm_(lt, wt);
+      if (need_w) {
+        auto gt_tile = G.narrow(0, t0, n);
+        gt_tile.addmm_(lt.t(), xc);
+      }
+    }
+  }
+  if (need_x) unnormalise_grad_any(dxh.data_ptr<float>(), xh.data_ptr<float>(), ix.data_ptr<float>(), B, D, gx, 0);
+  if (need_w) {
+    // grad_w_j = G_j - w_hat_j <G_j, w_hat_j>   (in place when G is grad_w)
+    const float* gp = G.data_ptr<float>();
+    auto finish = [&](auto* out) {
+      at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
+        for (int64_t j = a; j < b; ++j) {
+          const float* g = gp + j * D;
+          const float* h = wp + j * D;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < D; ++d) dot += g[d] * h[d];
+          dot *= iw[j] * iw[j];
+          auto* o = out + j * D;
+          using Out = std::remove_reference_t<decltype(*o)>;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(g[d] - h[d] * dot);
+        }
+      });
+    };
+    if (w32)
+      finish(gw.data_ptr<float>());
+    else
+      finish(gw.data_ptr<at::BFloat16>());
+  }
+  return {lse, tgt, gx, gw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(clipcid_fast_C, m) {
+  m.def(
+      "margin_softmax_fwd(Tensor x, Tensor w, Tensor labels, float scale, float m1, float m2, float m3, "
+      "int tile=0) -> (Tensor, Tensor)");
+  m.def(
+      "margin_softmax_bwd(Tensor grad_lse, Tensor grad_target, Tensor x, Tensor w, Tensor labels, Tensor lse, "
+      "float scale, float m1, float m2, float m3, bool need_x, bool need_w, int tile=0) -> (Tensor, Tensor)");
+  m.def(
+      "margin_softmax_fused_grad(Tensor x, Tensor w, Tensor labels, Tensor grad_lse, Tensor grad_target, "
+      "float scale, float m1, float m2, float m3, bool need_x, bool need_w, int rows=0, int tile=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(clipcid_fast_C, CPU, m) {
+  m.impl("margin_softmax_fwd", &margin_softmax_fwd);
+  m.impl("margin_softmax_bwd", &margin_softmax_bwd);
+  m.impl("margin_softmax_fused_grad", &margin_softmax_fused_grad);
+}

@@ -1,0 +1,535 @@
+"""K1, the cluster-discrimination margin softmax: every backend against the reference under the error budget.
+
+Gold = the reference (``reference.cluster_discrimination_loss`` / ``margin_softmax_shard_stats``) in float64
+on the same (dtype-rounded) inputs; "torch" = the same reference run in the input dtype. The C++ tests run
+only when the kernels are registered (``torch.ops.clipcid_fast_C.margin_softmax_fwd``), so this file passes
+before and after the extension is rebuilt with them.
+"""
+
+import math
+
+import pytest
+import torch
+from _budget import ULP32, ULP_BF16, assert_within_budget
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clipcid_fast import _backend, reference
+from clipcid_fast.ops import margin_softmax as ms
+
+HAS_CPU = ms.has_cpu_kernel()
+needs_cpu = pytest.mark.skipif(
+    not HAS_CPU, reason="C++ kernel clipcid_fast_C::margin_softmax_fwd is not in this build of clipcid_fast._C"
+)
+
+MARGINS = {
+    "arcface": (1.0, 0.5, 0.0),
+    "cosface": (1.0, 0.0, 0.35),
+    "combined": (1.0, 0.3, 0.2),
+    "sphereface": (2.0, 0.0, 0.0),
+    "none": (1.0, 0.0, 0.0),
+}
+SHAPES = [(1, 1, 3), (1, 507, 512), (33, 507, 77), (33, 1, 3), (1000, 507, 512), (1000, 1, 77)]
+
+
+def _inputs(B, N, D, dtype, labels="random", planted=None, seed=0):
+    """Inputs rounded to ``dtype`` (returned as float64 copies of the rounded values)."""
+    g = torch.Generator().manual_seed(seed * 1009 + B * 31 + N * 7 + D)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(N, D, generator=g, dtype=torch.float64) * 0.5
+    lab = torch.randint(0, N, (B,), generator=g)
+    if labels == "mixed":
+        lab[::3] = -1
+    elif labels == "none":
+        lab[:] = -1
+    elif labels == "duplicate":
+        lab[:] = N // 2
+    if planted == "antipodal":  # θ_y ≈ π: past the fallback point for every margin here
+        x = -w[lab.clamp(min=0)] * 2 + 1e-3 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    elif planted == "aligned":  # θ_y ≈ 0: large target logits, the clamp band of the arccos
+        x = w[lab.clamp(min=0)] * 4 + 1e-4 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    elif planted == "mixed":
+        half = B // 2
+        x[:half] = -w[lab.clamp(min=0)[:half]] + 1e-3 * torch.randn(half, D, generator=g, dtype=torch.float64)
+        x[half:] = w[lab.clamp(min=0)[half:]] + 1e-3 * torch.randn(B - half, D, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, generator=g, dtype=torch.float64) * 2 + 0.5  # ≠ 1, some negative
+    return x.to(dtype).double(), w.to(dtype).double(), lab, grad_out
+
+
+def _ref_run(x, w, lab, grad_out, m, scale=32.0):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = reference.cluster_discrimination_loss(x, w, lab, scale, *m)
+    gx, gw = torch.autograd.grad(loss, (x, w), grad_out.to(loss.dtype))
+    return loss.detach(), gx, gw
+
+
+def _op_run(x, w, lab, grad_out, m, impl, scale=32.0):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = ms.cluster_discrimination_loss(x, w, lab, scale, margin=m, impl=impl)
+    gx, gw = torch.autograd.grad(loss, (x, w), grad_out.to(loss.dtype))
+    return loss.detach(), gx, gw
+
+
+def _check(B, N, D, dtype, m, impl, labels="random", planted=None, scale=32.0):
+    x, w, lab, go = _inputs(B, N, D, dtype, labels, planted)
+    gold = _ref_run(x, w, lab, go, m, scale)
+    same = _ref_run(x.to(dtype), w.to(dtype), lab, go, m, scale)
+    got = _op_run(x.to(dtype), w.to(dtype), lab, go, m, impl, scale)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    ulp = ULP32 if dtype == torch.float32 else ULP_BF16
+    # The loss is a difference of O(s) numbers: a couple of ulps of s in fp32 is the noise floor.
+    assert_within_budget(got[0], same[0], gold[0], c=2.0, slack=8 * ULP32 * scale, rtol=4 * ULP32, name="loss")
+    # Gradients: d x_hat = Σ_j dcos_ij ŵ_j with |dcos_i·| ≤ 2 s |g_i|, then projected off x_hat and divided
+    # by ‖x‖. The projection cancels (to 0 exactly for D = 1 or aligned targets), so the noise floor is a
+    # few fp32 ulps of the unprojected size: s·max|g|/min‖x‖ for x, s·Σ|g|/min‖w‖ for W (a sum over rows);
+    # plus a few ulps of the largest gradient and the rounding of the result to the storage dtype.
+    floors = (
+        scale * go.abs().max().item() / x.norm(dim=1).min().item(),
+        scale * go.abs().sum().item() / w.norm(dim=1).min().item(),
+    )
+    for k, t, gd, floor, name in zip(got[1:], same[1:], gold[1:], floors, ("grad_x", "grad_w")):
+        big = gd.abs().max().item()
+        slack = 64 * ULP32 * scale * big + 8 * ULP32 * floor
+        assert_within_budget(k, t, gd, c=2.0, slack=slack, rtol=2 * ulp, name=name)
+
+
+def _impls():
+    out = ["reference"]
+    if HAS_CPU:
+        out.append("cpu")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity
+# --------------------------------------------------------------------------------------------------
+
+
+# Every shape × dtype × margin, except that the bf16 reference at B = 1000, D = 512 (a bf16 matmul: slow on
+# CPUs without bf16 instructions) runs for ArcFace only.
+CPU_CASES = [
+    pytest.param(shape, dtype, margin, id=f"{margin}-{dn}-{'x'.join(map(str, shape))}")
+    for shape in SHAPES
+    for dtype, dn in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for margin in MARGINS
+    if not (dtype == torch.bfloat16 and shape[0] == 1000 and shape[2] == 512 and margin != "arcface")
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape,dtype,margin", CPU_CASES)
+def test_cpu_matches_reference(shape, dtype, margin):
+    _check(*shape, dtype, MARGINS[margin], "cpu", labels="mixed")
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("margin", list(MARGINS), ids=list(MARGINS))
+@pytest.mark.parametrize("planted", ["antipodal", "aligned", "mixed"])
+def test_past_pi_fallback_and_aligned_targets(impl, margin, planted):
+    if impl == "cpu" and not HAS_CPU:
+        pytest.skip("C++ kernel not in this build")
+    _check(33, 507, 77, torch.float32, MARGINS[margin], impl, planted=planted)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("labels", ["none", "duplicate", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_label_patterns(impl, labels, dtype):
+    if impl == "cpu" and not HAS_CPU:
+        pytest.skip("C++ kernel not in this build")
+    _check(33, 507, 77, dtype, MARGINS["arcface"], impl, labels=labels)
+
+
+@needs_cpu
+@pytest.mark.parametrize("tile", [1, 7, 64, 0])
+def test_cpu_tile_sizes_agree(tile):
+    x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
+    x, w = x.float(), w.float()
+    l0, t0 = torch.ops.clipcid_fast_C.margin_softmax_fwd(x, w, lab, 32.0, 1.0, 0.5, 0.0, 0)
+    l1, t1 = torch.ops.clipcid_fast_C.margin_softmax_fwd(x, w, lab, 32.0, 1.0, 0.5, 0.0, tile)
+    torch.testing.assert_close(l1, l0, atol=4e-5, rtol=0)
+    torch.testing.assert_close(t1, t0, atol=1e-5, rtol=0)  # GEMM shapes differ: cos may move an ulp
+    g = torch.randn(33), torch.randn(33)
+    a = torch.ops.clipcid_fast_C.margin_softmax_bwd(*g, x, w, lab, l0, 32.0, 1.0, 0.5, 0.0, True, True, 0)
+    b = torch.ops.clipcid_fast_C.margin_softmax_bwd(*g, x, w, lab, l0, 32.0, 1.0, 0.5, 0.0, True, True, tile)
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b[1], a[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", _impls())
+def test_shard_stats_with_separate_grads(impl):
+    """The sharded form: lse and target each with their own gradient, as distributed code feeds them."""
+    x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
+    g = torch.Generator().manual_seed(3)
+    g_lse = torch.randn(33, generator=g, dtype=torch.float64)
+    g_tgt = torch.randn(33, generator=g, dtype=torch.float64)
+
+    def run(fn, dt):
+        xx = x.to(dt).requires_grad_()
+        ww = w.to(dt).requires_grad_()
+        lse, tgt = fn(xx, ww)
+        gx, gw = torch.autograd.grad((lse, tgt), (xx, ww), (g_lse.to(lse.dtype), g_tgt.to(tgt.dtype)))
+        return lse.detach(), tgt.detach(), gx, gw
+
+    def ref(a, b):
+        return reference.margin_softmax_shard_stats(a, b, lab, 32.0, 1.0, 0.5, 0.0)
+
+    gold = run(ref, torch.float64)
+    same = run(ref, torch.float32)
+    got = run(lambda a, b: ms.margin_softmax_stats(a, b, lab, 32.0, (1.0, 0.5, 0.0), impl), torch.float32)
+    for k, t, gd, n in zip(got, same, gold, ("lse", "target", "grad_x", "grad_w")):
+        big = gd.abs().max().item()
+        assert_within_budget(k, t, gd, c=2.0, slack=64 * ULP32 * 32 * max(big, 1e-30), rtol=4 * ULP32, name=n)
+
+
+@pytest.mark.parametrize("impl", _impls())
+def test_frozen_centres_and_reductions(impl):
+    x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
+    x, w = x.float().requires_grad_(), w.float()
+    for red in ("mean", "sum"):
+        loss = ms.cluster_discrimination_loss(x, w, lab, reduction=red, impl=impl)
+        per_row = reference.cluster_discrimination_loss(x.detach(), w, lab)
+        want = per_row.sum() / ((lab >= 0).sum() if red == "mean" else 1)
+        torch.testing.assert_close(loss.detach(), want, atol=1e-4, rtol=1e-5)
+        (gx,) = torch.autograd.grad(loss, x)
+        xr = x.detach().clone().requires_grad_()
+        r = reference.cluster_discrimination_loss(xr, w, lab)
+        r = r.sum() / ((lab >= 0).sum() if red == "mean" else 1)
+        (gr,) = torch.autograd.grad(r, xr)
+        torch.testing.assert_close(gx, gr, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single pass (C++ CPU, reduction "mean" / "sum" with gradients): gradients made in the forward
+# --------------------------------------------------------------------------------------------------
+
+needs_fused = pytest.mark.skipif(
+    not ms.has_fused_grad_kernel(), reason="C++ kernel clipcid_fast_C::margin_softmax_fused_grad is not in this build"
+)
+
+
+def _reduced_run(fn, x, w, lab, m, reduction, grad_out, need_w=True, scale=32.0):
+    """Loss and gradients of a reduced loss; ``fn`` is the reference or the op. grad_out is a scalar."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_(need_w)
+    loss = fn(x, w, reduction)
+    assert loss.dim() == 0
+    grads = torch.autograd.grad(loss, (x, w) if need_w else (x,), torch.tensor(grad_out, dtype=loss.dtype))
+    return (loss.detach(), *grads)
+
+
+def _check_fused(B, N, D, dtype, m, reduction, grad_out, labels="mixed", planted=None, need_w=True, scale=32.0):
+    x, w, lab, _ = _inputs(B, N, D, dtype, labels, planted)
+
+    def ref(a, b, red):
+        per_row = reference.cluster_discrimination_loss(a, b, lab, scale, *m)
+        return per_row.sum() / ((lab >= 0).sum().clamp(min=1) if red == "mean" else 1)
+
+    def op(a, b, red):
+        loss = ms.cluster_discrimination_loss(a, b, lab, scale, margin=m, reduction=red, impl="cpu")
+        assert "FusedLoss" in type(loss.grad_fn).__name__ or "fused_loss" in str(loss.grad_fn), loss.grad_fn
+        return loss
+
+    gold = _reduced_run(ref, x, w, lab, m, reduction, grad_out, need_w, scale)
+    same = _reduced_run(ref, x.to(dtype), w.to(dtype), lab, m, reduction, grad_out, need_w, scale)
+    got = _reduced_run(op, x.to(dtype), w.to(dtype), lab, m, reduction, grad_out, need_w, scale)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and (not need_w or got[2].dtype == dtype)
+    ulp = ULP32 if dtype == torch.float32 else ULP_BF16
+    n_on = max(int((lab >= 0).sum()), 1)
+    weight = abs(grad_out) / (n_on if reduction == "mean" else 1)  # |d loss / d loss_i| on rows with a target
+    # The reduced loss sums B_valid row losses of O(s): a few fp32 ulps of s per row (scaled by the weight).
+    loss_slack = 8 * ULP32 * scale * n_on * (1.0 / n_on if reduction == "mean" else 1.0)
+    assert_within_budget(got[0], same[0], gold[0], c=2.0, slack=loss_slack, rtol=4 * ULP32, name="loss")
+    # As in _check: the floors are s·max|g_i|/min‖x‖ for x and s·Σ|g_i|/min‖w‖ for W, g_i the row weights.
+    floors = (scale * weight / x.norm(dim=1).min().item(), scale * weight * n_on / w.norm(dim=1).min().item())
+    for k, t, gd, floor, name in zip(got[1:], same[1:], gold[1:], floors, ("grad_x", "grad_w")):
+        big = gd.abs().max().item()
+        slack = 64 * ULP32 * scale * big + 8 * ULP32 * floor
+        assert_within_budget(k, t, gd, c=2.0, slack=slack, rtol=2 * ulp, name=name)
+
+
+FUSED_CASES = [
+    pytest.param(shape, dtype, margin, red, go, id=f"{margin}-{dn}-{'x'.join(map(str, shape))}-{red}-g{go}")
+    for shape in [(1, 1, 3), (33, 507, 77), (200, 1000, 64)]
+    for dtype, dn in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for margin in ("arcface", "sphereface", "combined", "none")
+    for red, go in (("mean", -1.7), ("sum", 0.25), ("mean", 1.0))
+    if not (margin in ("sphereface", "none") and red == "sum")
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("shape,dtype,margin,reduction,grad_out", FUSED_CASES)
+def test_fused_single_pass_matches_reference(shape, dtype, margin, reduction, grad_out):
+    _check_fused(*shape, dtype, MARGINS[margin], reduction, grad_out)
+
+
+@needs_fused
+@pytest.mark.parametrize("labels", ["none", "duplicate", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_label_patterns(labels, dtype):
+    _check_fused(33, 507, 77, dtype, MARGINS["arcface"], "mean", 3.0, labels=labels)
+
+
+@needs_fused
+@pytest.mark.parametrize("planted", ["antipodal", "aligned", "mixed"])
+@pytest.mark.parametrize("margin", ["arcface", "sphereface", "combined"])
+def test_fused_past_pi_fallback_and_aligned_targets(planted, margin):
+    _check_fused(33, 507, 77, torch.float32, MARGINS[margin], "sum", -0.5, labels="random", planted=planted)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_frozen_centres(dtype):
+    """Centres without requires_grad: only grad_x, and the op does no dW work (empty grad_w)."""
+    _check_fused(33, 507, 77, dtype, MARGINS["arcface"], "mean", -2.0, need_w=False)
+    x, w, lab, _ = _inputs(33, 507, 77, dtype, "mixed")
+    _, gx, gw = ms.margin_softmax_fused_loss_op(x.to(dtype), w.to(dtype), lab, 32.0, 1.0, 0.5, 0.0, True, True, False)
+    assert gx.shape == x.shape and gw.numel() == 0
+
+
+@needs_fused
+@pytest.mark.parametrize("rows,tile", [(1, 1), (7, 13), (64, 100), (0, 0), (1000, 4096)])
+def test_fused_chunk_sizes_agree_with_two_pass(rows, tile):
+    """The raw single-pass op equals the two-pass forward + backward for any row chunk and class tile."""
+    x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
+    x, w = x.float(), w.float()
+    g = torch.Generator().manual_seed(4)
+    gl, gt = torch.randn(33, generator=g), torch.randn(33, generator=g)
+    C = torch.ops.clipcid_fast_C
+    for m in (MARGINS["arcface"], MARGINS["sphereface"]):
+        lse, tgt = C.margin_softmax_fwd(x, w, lab, 32.0, *m, 0)
+        gx, gw = C.margin_softmax_bwd(gl, gt, x, w, lab, lse, 32.0, *m, True, True, 0)
+        l1, t1, gx1, gw1 = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, *m, True, True, rows, tile)
+        torch.testing.assert_close(l1, lse, atol=4e-5, rtol=0)
+        torch.testing.assert_close(t1, tgt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gx1, gx, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gw1, gw, atol=1e-5, rtol=1e-4)
+        l2, t2, gx2, gw2 = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, *m, False, False, rows, tile)
+        assert torch.equal(l2, l1) and torch.equal(t2, t1) and gx2.numel() == 0 and gw2.numel() == 0
+
+
+@needs_fused
+def test_fused_path_is_taken_only_when_gradients_are_wanted():
+    x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    fused = ms.cluster_discrimination_loss(x, w, lab, reduction="mean", impl="cpu")
+    assert "FusedLoss" in type(fused.grad_fn).__name__ or "fused_loss" in str(fused.grad_fn)
+    per_row = ms.cluster_discrimination_loss(x, w, lab, reduction="none", impl="cpu")
+    assert "FusedLoss" not in type(per_row.grad_fn.next_functions[0][0]).__name__
+    with torch.no_grad():
+        plain = ms.cluster_discrimination_loss(x, w, lab, reduction="mean", impl="cpu")
+    torch.testing.assert_close(fused.detach(), plain, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fused.detach(), per_row.detach().sum() / (lab >= 0).sum(), atol=1e-4, rtol=1e-6)
+
+
+@needs_fused
+def test_fused_backward_twice_raises_and_grads_accumulate_once():
+    """The stored gradients are scaled in place: a second backward through the graph must fail loudly."""
+    x, w, lab, _ = _inputs(9, 40, 12, torch.float32, "mixed")
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    loss = ms.cluster_discrimination_loss(x, w, lab, reduction="sum", impl="cpu")
+    (2.0 * loss).backward(retain_graph=True)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (2.0 * reference.cluster_discrimination_loss(xr, wr, lab).sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+@needs_cpu
+@pytest.mark.slow
+def test_cpu_matches_reference_100k_classes():
+    _check(1000, 100_000, 512, torch.float32, MARGINS["arcface"], "cpu", labels="mixed")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(5, 70, 3), (33, 200, 77)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("margin", ["arcface", "sphereface", "cosface"])
+def test_triton_matches_reference(triton_device, shape, dtype, margin):
+    if triton_device.type != "cpu":
+        pytest.skip("CPU-interpreter shapes; GPU runs use the same test with device tensors")
+    _check(*shape, dtype, MARGINS[margin], "triton", labels="mixed")
+
+
+@pytest.mark.triton
+def test_triton_fallback_and_no_labels(triton_device):
+    if triton_device.type != "cpu":
+        pytest.skip("CPU-interpreter shapes")
+    _check(17, 90, 20, torch.float32, MARGINS["arcface"], "triton", planted="mixed")
+    _check(17, 90, 20, torch.float32, MARGINS["combined"], "triton", labels="none")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_opcheck(backend):
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("C++ kernel not in this build")
+    if backend == "triton" and not _backend.triton_usable_on(torch.device("cpu")):
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU tensors")
+    x = torch.randn(6, 20, requires_grad=True)
+    w = torch.randn(40, 20, requires_grad=True)
+    lab = torch.tensor([0, 5, -1, 39, 5, 12])
+    torch.library.opcheck(ms.margin_softmax_stats_op, (x, w, lab, 32.0, 1.0, 0.5, 0.0, backend))
+    g = torch.randn(6), torch.randn(6)
+    lse, _ = ms.margin_softmax_stats_op(x.detach(), w.detach(), lab, 32.0, 1.0, 0.5, 0.0, backend)
+    for need in ((True, True), (True, False), (False, True)):
+        args = (*g, x.detach(), w.detach(), lab, lse, 32.0, 1.0, 0.5, 0.0, *need, backend)
+        torch.library.opcheck(ms.margin_softmax_stats_bwd_op, args)
+
+
+def test_compiles_fullgraph():
+    f = torch.compile(
+        lambda x, w, lab: ms.cluster_discrimination_loss(x, w, lab, reduction="mean"), fullgraph=True, backend="eager"
+    )
+    x = torch.randn(8, 40, requires_grad=True)
+    w = torch.randn(100, 40, requires_grad=True)
+    lab = torch.randint(0, 100, (8,))
+    f(x, w, lab).backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference.cluster_discrimination_loss(xr, wr, lab).mean().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hypothesis: shapes, and bad inputs → ValueError
+# --------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(1, 40),
+    N=st.integers(1, 300),
+    D=st.integers(1, 70),
+    margin=st.sampled_from(list(MARGINS)),
+    labels=st.sampled_from(["random", "mixed", "none", "duplicate"]),
+)
+def test_random_shapes(B, N, D, margin, labels):
+    for impl in _impls():
+        _check(B, N, D, torch.float32, MARGINS[margin], impl, labels=labels)
+
+
+BAD = [
+    "label_ge_n",
+    "label_lt_m1",
+    "nan_x",
+    "inf_w",
+    "zero_x",
+    "zero_w",
+    "neg_scale",
+    "zero_scale",
+    "nan_scale",
+    "x_1d",
+    "w_3d",
+    "int_x",
+    "float_labels",
+    "labels_2d",
+    "empty_batch",
+    "no_centres",
+    "d_mismatch",
+    "labels_len",
+    "reduction",
+    "impl",
+    "m1_zero",
+    "margin_len",
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(bad=st.sampled_from(BAD), impl=st.sampled_from(["auto", "reference"]))
+def test_bad_inputs_raise_value_error(bad, impl):
+    x, w = torch.randn(4, 5), torch.randn(7, 5)
+    lab = torch.tensor([0, 6, -1, 3])
+    kw = {"impl": impl}
+    if bad == "label_ge_n":
+        lab = torch.tensor([0, 7, -1, 3])
+    elif bad == "label_lt_m1":
+        lab = torch.tensor([0, -2, -1, 3])
+    elif bad == "nan_x":
+        x[1, 2] = math.nan
+    elif bad == "inf_w":
+        w[3, 0] = math.inf
+    elif bad == "zero_x":
+        x[2] = 0
+    elif bad == "zero_w":
+        w[5] = 0
+    elif bad == "neg_scale":
+        kw["scale"] = -1.0
+    elif bad == "zero_scale":
+        kw["scale"] = 0.0
+    elif bad == "nan_scale":
+        kw["scale"] = math.nan
+    elif bad == "x_1d":
+        x = torch.randn(5)
+    elif bad == "w_3d":
+        w = torch.randn(7, 5, 1)
+    elif bad == "int_x":
+        x = torch.ones(4, 5, dtype=torch.int64)
+    elif bad == "float_labels":
+        lab = lab.float()
+    elif bad == "labels_2d":
+        lab = lab[:, None]
+    elif bad == "empty_batch":
+        x, lab = torch.randn(0, 5), torch.zeros(0, dtype=torch.int64)
+    elif bad == "no_centres":
+        w, lab = torch.randn(0, 5), torch.full((4,), -1)
+    elif bad == "d_mismatch":
+        w = torch.randn(7, 6)
+    elif bad == "labels_len":
+        lab = torch.tensor([0, 1])
+    elif bad == "reduction":
+        kw["reduction"] = "avg"
+    elif bad == "impl":
+        kw["impl"] = "fast"
+    elif bad == "m1_zero":
+        kw["m1"] = 0.0
+    elif bad == "margin_len":
+        kw["margin"] = (0.5,)
+    pattern = r"labels|embeddings|centres|scale|reduction|impl|m1|margin"  # the message names the argument
+    with pytest.raises(ValueError, match=pattern):
+        ms.cluster_discrimination_loss(x, w, lab, **kw)
+
+
+@needs_cpu
+def test_cpu_kernel_rejects_out_of_range_labels_without_value_checks():
+    x, w = torch.randn(4, 5), torch.randn(7, 5)
+    with pytest.raises(RuntimeError, match="labels"):
+        ms.cluster_discrimination_loss(x, w, torch.tensor([0, 7, -1, 3]), impl="cpu", check_values=False)
+
+
+def test_does_not_mutate_inputs():
+    x, w = torch.randn(9, 30), torch.randn(50, 30, dtype=torch.bfloat16)
+    lab = torch.randint(-1, 50, (9,))
+    before = (x.clone(), w.clone(), lab.clone())
+    for impl in _impls():
+        ms.cluster_discrimination_loss(x, w, lab, impl=impl)
+    assert torch.equal(x, before[0]) and torch.equal(w, before[1]) and torch.equal(lab, before[2])
+
+
+def test_other_dtypes_layouts_and_impls():
+    """float64 / float16 take the reference (float64 keeps float64); non-contiguous inputs are fine."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(7, 12, generator=g, dtype=torch.float64), torch.randn(30, 12, generator=g, dtype=torch.float64)
+    lab = torch.tensor([0, 29, -1, 3, 3, 17, 8])
+    want = reference.cluster_discrimination_loss(x, w, lab)
+    got = ms.cluster_discrimination_loss(x, w, lab)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+    half = ms.cluster_discrimination_loss(x.half(), w.half(), lab)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    xt = x.float().T.contiguous().T  # non-contiguous view
+    for impl in _impls():
+        torch.testing.assert_close(
+            ms.cluster_discrimination_loss(xt, w.float()[::1], lab, impl=impl), want.float(), atol=1e-4, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="impl"):
+        ms.cluster_discrimination_loss(x.float(), w.float(), lab, impl="cuda")
