@@ -19,13 +19,20 @@ from .functional import (
     row_logsumexp,
     semdedup_keep,
 )
-from .losses import ClipKDLoss, ClipRDLoss, FusedDistillClipLoss, InstanceDiscriminationLoss
+from .losses import (
+    ClipKDLoss,
+    ClipRDLoss,
+    ClusterDiscriminationLoss,
+    FusedDistillClipLoss,
+    InstanceDiscriminationLoss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipKDLoss",
     "ClipRDLoss",
+    "ClusterDiscriminationLoss",
     "FusedDistillClipLoss",
     "InstanceDiscriminationLoss",
     "__version__",

@@ -52,3 +52,48 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+class _GlobalLogSumExp(torch.autograd.Function):
+    """log Σ_ranks exp(lse_r) per row, from an all-reduce of the max and of the rescaled sums: O(B)
+    values cross the wire, never B×N. Backward needs no communication: d/d lse_r = exp(lse_r − lse)."""
+
+    @staticmethod
+    def forward(ctx, lse_local: Tensor, group) -> Tensor:
+        funcol = _funcol()
+        m = funcol.wait_tensor(funcol.all_reduce(lse_local.detach(), "max", group))
+        s = funcol.wait_tensor(funcol.all_reduce(torch.exp(lse_local.detach() - m), "sum", group))
+        out = m + torch.log(s)
+        ctx.save_for_backward(lse_local.detach(), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        lse_local, out = ctx.saved_tensors
+        return grad * torch.exp(lse_local - out), None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Σ_ranks x_r; each rank's x_r enters the (replicated) sum once, so its gradient is the identity."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        funcol = _funcol()
+        return funcol.wait_tensor(funcol.all_reduce(x.detach(), "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def sharded_margin_softmax_rows(lse_local: Tensor, target_local: Tensor, *, world_size: int, group=None) -> Tensor:
+    """Per-row cross-entropy of a class-sharded margin softmax: ``logsumexp_ranks(lse_r) − Σ_ranks target_r``.
+
+    ``lse_local``/``target_local`` are this rank's ``margin_softmax_stats`` over its own centres (target 0
+    where the label lives on another rank). Every rank gets the same rows; gradients reach only this
+    rank's statistics (and through them its centres and its share of the embeddings' gradient).
+    """
+    if world_size == 1:
+        return lse_local - target_local
+    group = group if group is not None else dist.group.WORLD
+    return _GlobalLogSumExp.apply(lse_local, group) - _SumOverRanks.apply(target_local, group)

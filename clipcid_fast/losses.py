@@ -20,10 +20,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import gather_rows
+from .distributed import gather_rows, shard_range, sharded_margin_softmax_rows
+from .ops.margin_softmax import cluster_discrimination_loss, margin_softmax_stats
 from .ops.relational_rows import relational_distill, relational_kd_rows
 
-__all__ = ["ClipKDLoss", "ClipRDLoss", "FusedDistillClipLoss", "InstanceDiscriminationLoss"]
+__all__ = [
+    "ClipKDLoss",
+    "ClipRDLoss",
+    "ClusterDiscriminationLoss",
+    "FusedDistillClipLoss",
+    "InstanceDiscriminationLoss",
+]
 
 LN_INV_007 = math.log(1 / 0.07)
 """CLIP-KD / CLIP-RD's initial raw logit-scale parameters (used without exp)."""
@@ -306,3 +313,72 @@ class InstanceDiscriminationLoss(_GatheredLoss):
             loss = _mean_pair(relational_kd_rows(s_i, t_t, self.scale, kind="ce", direction="both", impl=self.impl))
         loss = self.weight * loss
         return {"instance_loss": loss} if output_dict else loss
+
+
+class ClusterDiscriminationLoss(nn.Module):
+    """CLIP-CID cluster discrimination: margin softmax of embeddings against N pseudo-class centres.
+
+    Holds this rank's contiguous block of centres (``distributed.shard_range``; the first
+    ``N % world_size`` ranks hold one more). With ``world_size > 1`` the embeddings and labels are
+    all-gathered (with autograd), each rank computes the fused per-row statistics over its own centres,
+    and only O(B) values are reduced across ranks (``sharded_margin_softmax_rows``). The loss is the mean
+    over the global batch's rows that have a label (labels ``−1`` are ignored) and is the same on every
+    rank. ``forward(embeddings [B, D], labels [B]) -> scalar`` (``output_dict=True``:
+    ``{"cluster_loss": ...}``). Centres init N(0, 0.01) as unicom's PartialFC, or from a centroid file.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        margin: tuple[float, float, float] = (1.0, 0.5, 0.0),
+        scale: float = 32.0,
+        rank: int = 0,
+        world_size: int = 1,
+        learnable_centres: bool = True,
+        weight: float = 1.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or embed_dim < 1:
+            raise ValueError(f"num_classes and embed_dim must be >= 1, got {num_classes} and {embed_dim}")
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.rank, self.world_size = rank, world_size
+        self.start, self.stop = shard_range(num_classes, rank, world_size)
+        self.margin, self.scale, self.weight, self.impl = tuple(margin), float(scale), float(weight), impl
+        centres = torch.randn(self.stop - self.start, embed_dim) * 0.01
+        self.centres = nn.Parameter(centres, requires_grad=learnable_centres)
+
+    @classmethod
+    def from_centroids(cls, path: str, rank: int = 0, world_size: int = 1, **kwargs) -> ClusterDiscriminationLoss:
+        """Initialise from ``centroids.npy`` [N, D] written by ``clipcid-fast cluster``: this rank's block only."""
+        import numpy as np
+
+        full = np.load(path, mmap_mode="r")
+        if full.ndim != 2:
+            raise ValueError(f"{path} must hold a [N, D] array, got shape {full.shape}")
+        mod = cls(full.shape[0], full.shape[1], rank=rank, world_size=world_size, **kwargs)
+        with torch.no_grad():
+            mod.centres.copy_(torch.from_numpy(np.ascontiguousarray(full[mod.start : mod.stop], dtype=np.float32)))
+        return mod
+
+    def forward(self, embeddings: Tensor, labels: Tensor, output_dict: bool = False):
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(embeddings.shape)}")
+        if self.world_size == 1:
+            loss = cluster_discrimination_loss(
+                embeddings, self.centres, labels, self.scale, self.margin, reduction="mean", impl=self.impl
+            )
+        else:
+            x = gather_rows(embeddings, rank=self.rank, world_size=self.world_size, with_grad=True)
+            y = gather_rows(labels, rank=self.rank, world_size=self.world_size, with_grad=False, local_slot_grad=False)
+            mine = (y >= self.start) & (y < self.stop)
+            local = torch.where(mine, y - self.start, -1)
+            lse, target = margin_softmax_stats(x, self.centres, local, self.scale, self.margin, impl=self.impl)
+            rows = sharded_margin_softmax_rows(lse, target, world_size=self.world_size)
+            valid = y >= 0
+            loss = torch.where(valid, rows, 0.0).sum() / valid.sum().clamp(min=1)
+        loss = self.weight * loss
+        return {"cluster_loss": loss} if output_dict else loss
