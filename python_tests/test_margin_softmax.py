@@ -252,7 +252,8 @@ def _check_fused(B, N, D, dtype, m, reduction, grad_out, labels="mixed", planted
 
 FUSED_CASES = [
     pytest.param(shape, dtype, margin, red, go, id=f"{margin}-{dn}-{'x'.join(map(str, shape))}-{red}-g{go}")
-    for shape in [(1, 1, 3), (33, 507, 77), (200, 1000, 64)]
+    # (70, 1100, 512): several class tiles of the default size, split over the threads, a ragged last tile
+    for shape in [(1, 1, 3), (33, 507, 77), (200, 1000, 64), (70, 1100, 512)]
     for dtype, dn in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
     for margin in ("arcface", "sphereface", "combined", "none")
     for red, go in (("mean", -1.7), ("sum", 0.25), ("mean", 1.0))

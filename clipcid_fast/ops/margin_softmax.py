@@ -46,6 +46,33 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 @jit
+def _ms_rows(ptr, idx, imask, stride, dofs, dmask):
+    """Rows ``idx`` of a [*, D] matrix as an fp32 [len(idx), BLOCK_D] block (bf16 is loaded then widened:
+    the interpreter mis-handles bf16 arithmetic)."""
+    v = tl.load(ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
+    return v.to(tl.float32)
+
+
+@jit
+def _ms_cos(xb, wb, ix, iw):
+    """cos tile [rows, cols] of unnormalised blocks, given their inverse norms (ix may carry the scale s)."""
+    return tl.dot(xb, tl.trans(wb), input_precision="ieee") * ix[:, None] * iw[None, :]
+
+
+@jit
+def _ms_row_terms(ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask):
+    """Per-row backward terms: inverse norm, label, s·ψ, lse, g_lse, g_target, dψ/dc."""
+    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
+    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
+    gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
+    dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
+    return ix, lab, tg, lse, gl, gt, dpsi
+
+
+@jit
 def _ms_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -69,8 +96,7 @@ def _ms_fwd_kernel(
     rmask = rows < B
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
-    xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    xb = xb.to(tl.float32)  # bf16 is loaded then widened (the interpreter mis-handles bf16 arithmetic)
+    xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
     ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0) * scale
     lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
     tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
@@ -79,9 +105,8 @@ def _ms_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
-        wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-        z = tl.dot(xb, tl.trans(wb.to(tl.float32)), input_precision="ieee") * ix[:, None] * iw[None, :]
+        wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
+        z = _ms_cos(xb, wb, ix, tl.load(iw_ptr + cols, mask=cmask, other=0.0))
         z = tl.where(cols[None, :] == lab[:, None], tg[:, None], z)
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -128,24 +153,17 @@ def _ms_bwd_dx_kernel(
     rmask = rows < B
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
-    xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    xb = xb.to(tl.float32)
-    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
-    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
-    gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
-    dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
+    xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
+    ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
+        ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
+    )
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
-        wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        wb = wb.to(tl.float32)
+        wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
         iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-        z = tl.dot(xb, tl.trans(wb), input_precision="ieee") * (ix * scale)[:, None] * iw[None, :]
-        d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
+        d = _ms_dcos(_ms_cos(xb, wb, ix * scale, iw), cols, lab, tg, lse, gl, gt, dpsi, scale)
         d = tl.where(cmask[None, :], d * iw[None, :], 0.0)
         acc += tl.dot(d, wb, input_precision="ieee")
     tl.store(dxh_ptr + rows[:, None] * BLOCK_D + dofs[None, :], acc, mask=rmask[:, None] & dmask[None, :])
@@ -180,24 +198,17 @@ def _ms_bwd_dw_kernel(
     cmask = cols < N
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
-    wb = tl.load(w_ptr + cols[:, None] * s_w + dofs[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-    wb = wb.to(tl.float32)
+    wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
     iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         rmask = rows < B
-        xb = tl.load(x_ptr + rows[:, None] * s_x + dofs[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        xb = xb.to(tl.float32)
-        ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
-        lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-        tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
-        gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
-        dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
-        z = tl.dot(xb, tl.trans(wb), input_precision="ieee") * (ix * scale)[:, None] * iw[None, :]
-        d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
+        xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
+        ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
+            ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
+        )
+        d = _ms_dcos(_ms_cos(xb, wb, ix * scale, iw), cols, lab, tg, lse, gl, gt, dpsi, scale)
         d = tl.where(rmask[:, None], d * ix[:, None], 0.0)
         acc += tl.dot(tl.trans(d), xb, input_precision="ieee")
     tl.store(dwh_ptr + cols[:, None] * BLOCK_D + dofs[None, :], acc, mask=cmask[:, None] & dmask[None, :])

@@ -61,6 +61,32 @@ void normalise_rows_any(const at::Tensor& a, int64_t r0, int64_t n, float* out, 
     normalise_rows(a.data_ptr<at::BFloat16>(), r0, n, D, out, inv);
 }
 
+// The streaming step both two-pass ops share: W rows [t0, t0 + n) normalised into an fp32 tile (inverse
+// norms in iw) and the cos tile [B, n] = x_hat W_hat_tile^T (one MKL GEMM on all threads).
+struct CosTiles {
+  const at::Tensor& w;
+  const at::Tensor& xh;
+  int64_t tile, D;
+  at::Tensor wbuf, iw, lbuf;
+  CosTiles(const at::Tensor& w_, const at::Tensor& xh_, int64_t tile_)
+      : w(w_),
+        xh(xh_),
+        tile(tile_),
+        D(w_.size(1)),
+        wbuf(at::empty({tile_ * w_.size(1)}, xh_.options())),
+        iw(at::empty({tile_}, xh_.options())),
+        lbuf(at::empty({xh_.size(0) * tile_}, xh_.options())) {}
+  // {W_hat tile [n, D], cos tile [B, n]}; both live until the next call
+  std::pair<at::Tensor, at::Tensor> load(int64_t t0) {
+    const int64_t n = std::min(tile, w.size(0) - t0), B = xh.size(0);
+    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
+    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
+    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
+    at::mm_out(lg, xh, wt.t());
+    return {wt, lg};
+  }
+};
+
 // grad_a[r] = (g_hat[r] - a_hat[r] <g_hat[r], a_hat[r]>) * inv[r], written in T.
 template <typename T>
 void unnormalise_grad(const float* g_hat, const float* a_hat, const float* inv, int64_t n, int64_t D, T* out) {
@@ -124,18 +150,13 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_fwd(const at::Tensor& x, const
   normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
 
   tile = pick_tile(B, N, tile);
-  auto wbuf = at::empty({tile * D}, f32);
-  auto iw = at::empty({tile}, f32);
-  auto lbuf = at::empty({B * tile}, f32);
+  CosTiles tiles(w, xh, tile);
   std::vector<clipcid::OnlineLSE> st(B, clipcid::lse_empty());
   float* tp = tgt.data_ptr<float>();
 
   for (int64_t t0 = 0; t0 < N; t0 += tile) {
     const int64_t n = std::min(tile, N - t0);
-    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
-    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
-    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
-    at::mm_out(lg, xh, wt.t());
+    auto lg = tiles.load(t0).second;
     float* L = lg.data_ptr<float>();
     at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
@@ -206,17 +227,12 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
   auto dxh = need_x ? at::zeros({B, D}, f32) : at::Tensor();
 
   tile = pick_tile(B, N, tile);
-  auto wbuf = at::empty({tile * D}, f32);
-  auto iw = at::empty({tile}, f32);
-  auto lbuf = at::empty({B * tile}, f32);
+  CosTiles tiles(w, xh, tile);
   auto dwbuf = need_w ? at::empty({tile * D}, f32) : at::Tensor();
 
   for (int64_t t0 = 0; t0 < N && (need_x || need_w); t0 += tile) {
     const int64_t n = std::min(tile, N - t0);
-    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
-    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
-    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
-    at::mm_out(lg, xh, wt.t());
+    auto [wt, lg] = tiles.load(t0);
     float* L = lg.data_ptr<float>();
     at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
@@ -239,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
     if (need_w) {
       auto dwt = dwbuf.narrow(0, 0, n * D).view({n, D});
       at::mm_out(dwt, lg.t(), xh);
-      unnormalise_grad_any(dwt.data_ptr<float>(), wt.data_ptr<float>(), iw.data_ptr<float>(), n, D, gw, t0);
+      unnormalise_grad_any(dwt.data_ptr<float>(), wt.data_ptr<float>(), tiles.iw.data_ptr<float>(), n, D, gw, t0);
     }
   }
   if (need_x) {
@@ -260,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
 // G_tile += E_tile^T X_hat_chunk. W is never normalised into a copy: cos = (x_hat . w_j) / ||w_j||, and
 // with E = dcos / ||w|| the norms cancel: grad_w_j = G_j - w_hat_j <G_j, w_hat_j>. For fp32 W the fp32
 // accumulator G is the returned grad_w itself (finished in place). FLOPs: 2 B N D (logits) +
-// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 256 MB) + B D + N floats (+ an fp32 copy of W and
+// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 384 MB) + B D + N floats (+ an fp32 copy of W and
 // an fp32 [N, D] accumulator when W is bf16).
 
 // z_j = s L_j iw_j in place on one row of a tile; the target column (local index y, or -1) becomes tgt.
@@ -365,7 +381,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   auto ix = at::empty({B}, f32);
   normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
   // W as the GEMM operand, unnormalised (fp32 W: no copy), and its inverse row norms.
-  const at::Tensor wf = w32 ? w : w.to(at::kFloat);
+  // Detached: the GEMMs run in worker threads, which do not inherit the caller's below-autograd state.
+  const at::Tensor wf = w32 ? w.detach() : w.detach().to(at::kFloat);
   const float* wp = wf.data_ptr<float>();
   auto iwt = at::empty({N}, f32);
   float* iw = iwt.data_ptr<float>();
@@ -380,80 +397,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
   at::Tensor dxh = need_x ? at::empty({B, D}, f32) : at::Tensor();
 
-  // Rows per chunk: 128 while the R x N buffer stays within 256 MB (N <= 512k), then 64, down to 32
-  // (dW accumulator traffic is (B / R) N D reads and writes: larger R halves it). Classes per tile: 4096.
-  if (rows <= 0) rows = std::clamp<int64_t>(((int64_t{1} << 26) / N) / 32 * 32, 32, 128);
+  // Rows per chunk R: every chunk re-reads W twice and reads + writes the [N, D] accumulator once, so
+  // fewer, larger chunks cut memory traffic; the R x N fp32 buffer is capped at 384 MB and R at 128
+  // (R = 94 at N = 1M, 128 up to N = 768k), then balanced so the last chunk is not a sliver.
+  // Classes per tile T: a W tile and its accumulator rows (T x D fp32 each, 512 KB at D = 512) share a
+  // 1 MB L2 (T = 256 measured best at N = 1M against 128, 512 and 1024).
+  if (rows <= 0) {
+    const int64_t rmax = std::clamp<int64_t>((int64_t{96} << 20) / N, 32, 128);
+    const int64_t chunks = (B + rmax - 1) / rmax;
+    rows = (B + chunks - 1) / chunks;
+  }
   const int64_t R = std::min(rows, B);
-  const int64_t T = std::min(tile > 0 ? tile : int64_t{4096}, N);
+  const int64_t T = std::min(tile > 0 ? tile : std::clamp<int64_t>((int64_t{1} << 17) / D, 64, 2048), N);
   const int64_t nt = (N + T - 1) / T;
+  // Threads own contiguous blocks of tiles (class sharding inside the process, like ranks): each
+  // thread runs single-threaded GEMMs on its own W tiles and accumulator rows (no races on grad_w),
+  // keeps per-row partial LSE states (merged in a fixed order, so results do not depend on timing)
+  // and its own dX_hat partial (summed after pass B).
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
   auto buf = at::empty({R * nt * T}, f32);
-  std::vector<clipcid::OnlineLSE> st(R);
+  std::vector<clipcid::OnlineLSE> st(P * R);
   std::vector<float> tg(R), dps(R);
+  auto dxp = need_x ? at::empty({P, R, D}, f32) : at::Tensor();
   float* lo = lse.data_ptr<float>();
   float* to = tgt.data_ptr<float>();
+  auto tiles_of = [&](int64_t p) { return std::make_pair(p * nt / P, (p + 1) * nt / P); };
 
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t r = std::min(R, B - r0);
     auto xc = xh.narrow(0, r0, r);
-    for (int64_t i = 0; i < r; ++i) {
-      st[i] = clipcid::lse_empty();
-      tg[i] = 0.0f;
-      dps[i] = 0.0f;
-    }
-    // pass A: logits, online LSE
-    for (int64_t k = 0; k < nt; ++k) {
-      const int64_t t0 = k * T, n = std::min(T, N - t0);
-      auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
-      at::mm_out(lt, xc, wf.narrow(0, t0, n).t());
-      float* L = lt.data_ptr<float>();
-      at::parallel_for(0, r, 4, [&](int64_t a, int64_t b) {
-        for (int64_t i = a; i < b; ++i) {
-          float* row = L + i * n;
-          const int64_t y = lp[r0 + i] - t0;
-          const bool has = (y >= 0 && y < n);
-          float t = 0.0f;
-          if (has) {
-            float d;
-            t = s * clipcid::margin_psi(row[y] * iw[t0 + y], mg, &d);
-            tg[i] = t;
-            dps[i] = d;
+    std::fill(st.begin(), st.end(), clipcid::lse_empty());
+    std::fill(tg.begin(), tg.end(), 0.0f);
+    std::fill(dps.begin(), dps.end(), 0.0f);
+    // pass A: logits, per-thread online LSE (a row's target column lives in exactly one tile)
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      for (int64_t p = p0; p < p1; ++p) {
+        clipcid::OnlineLSE* sp = st.data() + p * R;
+        const auto [k0, k1] = tiles_of(p);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t t0 = k * T, n = std::min(T, N - t0);
+          auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
+          at::mm_out(lt, xc, wf.narrow(0, t0, n).t());
+          float* L = lt.data_ptr<float>();
+          for (int64_t i = 0; i < r; ++i) {
+            float* row = L + i * n;
+            const int64_t y = lp[r0 + i] - t0;
+            const bool has = (y >= 0 && y < n);
+            float t = 0.0f;
+            if (has) {
+              float d;
+              t = s * clipcid::margin_psi(row[y] * iw[t0 + y], mg, &d);
+              tg[i] = t;
+              dps[i] = d;
+            }
+            sp[i] = clipcid::lse_merge(sp[i], fused_scale_row(row, iw + t0, n, s, has ? y : -1, t));
           }
-          st[i] = clipcid::lse_merge(st[i], fused_scale_row(row, iw + t0, n, s, has ? y : -1, t));
         }
-      });
-    }
+      }
+    });
     for (int64_t i = 0; i < r; ++i) {
-      lo[r0 + i] = clipcid::lse_value(st[i]);
+      clipcid::OnlineLSE a = st[i];
+      for (int64_t p = 1; p < P; ++p) a = clipcid::lse_merge(a, st[p * R + i]);
+      lo[r0 + i] = clipcid::lse_value(a);
       to[r0 + i] = tg[i];
     }
     if (!(need_x || need_w)) continue;
-    // pass B: dcos / ||w|| in place, then the two gradient GEMMs per tile
-    at::Tensor dxc;
-    if (need_x) {
-      dxc = dxh.narrow(0, r0, r);
-      dxc.zero_();
-    }
-    for (int64_t k = 0; k < nt; ++k) {
-      const int64_t t0 = k * T, n = std::min(T, N - t0);
-      auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
-      float* L = lt.data_ptr<float>();
-      at::parallel_for(0, r, 4, [&](int64_t a, int64_t b) {
-        for (int64_t i = a; i < b; ++i) {
-          const int64_t gi = r0 + i;
-          const int64_t y = lp[gi] - t0;
-          const bool has = (y >= 0 && y < n);
-          const float l = lo[gi], g = glp[gi];
-          float ey = 0.0f;
-          if (has) ey = s * dps[i] * (g * clipcid::fast_expf(tg[i] - l) + gtp[gi]) * iw[t0 + y];
-          fused_dcos_row(L + i * n, iw + t0, n, s * g, l, has ? y : -1, ey);
+    // pass B: dcos / ||w|| in place, then dX_hat partial += E W_tile and G_tile += E^T X_hat_chunk
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      for (int64_t p = p0; p < p1; ++p) {
+        at::Tensor dxl;
+        if (need_x) {
+          dxl = dxp[p].narrow(0, 0, r);
+          dxl.zero_();
         }
-      });
-      auto wt = wf.narrow(0, t0, n);
-      if (need_x) dxc.addmm_(lt, wt);
-      if (need_w) {
-        auto gt_tile = G.narrow(0, t0, n);
-        gt_tile.addmm_(lt.t(), xc);
+        const auto [k0, k1] = tiles_of(p);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t t0 = k * T, n = std::min(T, N - t0);
+          auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
+          float* L = lt.data_ptr<float>();
+          for (int64_t i = 0; i < r; ++i) {
+            const int64_t gi = r0 + i;
+            const int64_t y = lp[gi] - t0;
+            const bool has = (y >= 0 && y < n);
+            const float l = lo[gi], g = glp[gi];
+            float ey = 0.0f;
+            if (has) ey = s * dps[i] * (g * clipcid::fast_expf(tg[i] - l) + gtp[gi]) * iw[t0 + y];
+            fused_dcos_row(L + i * n, iw + t0, n, s * g, l, has ? y : -1, ey);
+          }
+          if (need_x) dxl.addmm_(lt, wf.narrow(0, t0, n));
+          if (need_w) G.narrow(0, t0, n).addmm_(lt.t(), xc);
+        }
       }
+    });
+    if (need_x) {
+      auto dxc = dxh.narrow(0, r0, r);
+      dxc.copy_(dxp[0].narrow(0, 0, r));
+      for (int64_t p = 1; p < P; ++p) dxc.add_(dxp[p].narrow(0, 0, r));
     }
   }
   if (need_x) unnormalise_grad_any(dxh.data_ptr<float>(), xh.data_ptr<float>(), ix.data_ptr<float>(), B, D, gx, 0);
