@@ -13,8 +13,9 @@ Faces:
 * C++ CPU (``csrc/cpu/margin_softmax.cpp``): W streamed in tiles normalised into fp32, one MKL GEMM per
   tile, an online log-sum-exp per row; the backward recomputes each tile from the saved lse
   (3 GEMMs per tile). fp32 / bf16 storage, fp32 math. For a "mean" / "sum" loss that needs gradients,
-  a single pass (``margin_softmax_fused_grad``: row chunks of 64–128 × all N logits, gradients computed in
-  the forward, 3 GEMMs per tile in all) and a backward that only scales them.
+  a single pass (``margin_softmax_fused_grad``: row chunks of ≤ 128 rows × all N logits, gradients computed
+  in the forward, 3 GEMMs per tile in all; each thread owns a block of L2-sized class tiles, so its
+  GEMMs are single-threaded and its rows of grad_w are its own) and a backward that only scales them.
 * Triton (GPU; on CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over row blocks, and
   backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one row.
   Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
@@ -676,8 +677,8 @@ def cluster_discrimination_loss(
     On the C++ CPU backend, ``reduction="mean"`` / ``"sum"`` with a gradient wanted (grad mode on and
     embeddings or centres requiring grad) takes a single pass: the gradients are computed in the forward
     for the reduction's row weights and the backward only scales them by the scalar grad_output
-    (6·B·N·D FLOPs instead of 8·B·N·D; extra memory R·N + B·D floats, R = 128 rows per chunk up to
-    N = 512k, then 64: ≤ 256 MB; bf16 centres also take an fp32 copy and accumulator of W). Centres that
+    (6·B·N·D FLOPs instead of 8·B·N·D; extra memory R·N + B·D floats, R ≤ 128 rows per chunk with the
+    R·N buffer ≤ 384 MB, e.g. R = 94 at N = 1M; bf16 centres also take an fp32 [N, D] accumulator). Centres that
     do not require grad get no dW work. Such a loss can be backpropagated once (a second backward with
     ``retain_graph`` raises).
     ``"none"``, no-grad calls and the other backends use the two-pass path (forward LSE, recomputing

@@ -276,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
 // G_tile += E_tile^T X_hat_chunk. W is never normalised into a copy: cos = (x_hat . w_j) / ||w_j||, and
 // with E = dcos / ||w|| the norms cancel: grad_w_j = G_j - w_hat_j <G_j, w_hat_j>. For fp32 W the fp32
 // accumulator G is the returned grad_w itself (finished in place). FLOPs: 2 B N D (logits) +
-// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 384 MB) + B D + N floats (+ an fp32 copy of W and
-// an fp32 [N, D] accumulator when W is bf16).
+// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 384 MB) + B D + N floats (+ an fp32 [N, D]
+// accumulator and one fp32 W tile per thread when W is bf16).
 
 // z_j = s L_j iw_j in place on one row of a tile; the target column (local index y, or -1) becomes tgt.
 // Returns the row's (max, sum exp) over the tile.
@@ -382,18 +382,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
   // W as the GEMM operand, unnormalised (fp32 W: no copy), and its inverse row norms.
   // Detached: the GEMMs run in worker threads, which do not inherit the caller's below-autograd state.
-  const at::Tensor wf = w32 ? w.detach() : w.detach().to(at::kFloat);
-  const float* wp = wf.data_ptr<float>();
+  // fp32 W is the GEMM operand as it is; bf16 W is widened one tile at a time into a per-thread buffer
+  // (never a full fp32 copy: W is read in bf16, half the traffic).
+  const at::Tensor wd = w.detach();
   auto iwt = at::empty({N}, f32);
   float* iw = iwt.data_ptr<float>();
-  at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
-    for (int64_t j = a; j < b; ++j) {
-      const float* r = wp + j * D;
-      float ss = 0.0f;
-      for (int64_t d = 0; d < D; ++d) ss += r[d] * r[d];
-      iw[j] = 1.0f / std::sqrt(ss);
-    }
-  });
+  auto inv_norms = [&](const auto* wp) {
+    at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
+      for (int64_t j = a; j < b; ++j) {
+        const auto* r = wp + j * D;
+        float ss = 0.0f;
+        for (int64_t d = 0; d < D; ++d) ss += static_cast<float>(r[d]) * static_cast<float>(r[d]);
+        iw[j] = 1.0f / std::sqrt(ss);
+      }
+    });
+  };
+  if (w32)
+    inv_norms(wd.data_ptr<float>());
+  else
+    inv_norms(wd.data_ptr<at::BFloat16>());
   at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
   at::Tensor dxh = need_x ? at::empty({B, D}, f32) : at::Tensor();
 
@@ -416,6 +423,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   // and its own dX_hat partial (summed after pass B).
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
   auto buf = at::empty({R * nt * T}, f32);
+  auto wtb = w32 ? at::Tensor() : at::empty({P, T, D}, f32);
+  auto w_tile = [&](int64_t p, int64_t t0, int64_t n) -> at::Tensor {
+    if (w32) return wd.narrow(0, t0, n);
+    auto o = wtb[p].narrow(0, 0, n);
+    o.copy_(wd.narrow(0, t0, n));
+    return o;
+  };
   std::vector<clipcid::OnlineLSE> st(P * R);
   std::vector<float> tg(R), dps(R);
   auto dxp = need_x ? at::empty({P, R, D}, f32) : at::Tensor();
@@ -438,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t t0 = k * T, n = std::min(T, N - t0);
           auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
-          at::mm_out(lt, xc, wf.narrow(0, t0, n).t());
+          at::mm_out(lt, xc, w_tile(p, t0, n).t());
           float* L = lt.data_ptr<float>();
           for (int64_t i = 0; i < r; ++i) {
             float* row = L + i * n;
@@ -486,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
             if (has) ey = s * dps[i] * (g * clipcid::fast_expf(tg[i] - l) + gtp[gi]) * iw[t0 + y];
             fused_dcos_row(L + i * n, iw + t0, n, s * g, l, has ? y : -1, ey);
           }
-          if (need_x) dxl.addmm_(lt, wf.narrow(0, t0, n));
+          if (need_x) dxl.addmm_(lt, w_tile(p, t0, n));
           if (need_w) G.narrow(0, t0, n).addmm_(lt.t(), xc);
         }
       }
@@ -501,24 +515,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   if (need_w) {
     // grad_w_j = G_j - w_hat_j <G_j, w_hat_j>   (in place when G is grad_w)
     const float* gp = G.data_ptr<float>();
-    auto finish = [&](auto* out) {
+    auto finish = [&](const auto* wp, auto* out) {
       at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
         for (int64_t j = a; j < b; ++j) {
           const float* g = gp + j * D;
-          const float* h = wp + j * D;
+          const auto* h = wp + j * D;
           float dot = 0.0f;
-          for (int64_t d = 0; d < D; ++d) dot += g[d] * h[d];
+          for (int64_t d = 0; d < D; ++d) dot += g[d] * static_cast<float>(h[d]);
           dot *= iw[j] * iw[j];
           auto* o = out + j * D;
           using Out = std::remove_reference_t<decltype(*o)>;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(g[d] - h[d] * dot);
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(g[d] - static_cast<float>(h[d]) * dot);
         }
       });
     };
     if (w32)
-      finish(gw.data_ptr<float>());
+      finish(wd.data_ptr<float>(), gw.data_ptr<float>());
     else
-      finish(gw.data_ptr<at::BFloat16>());
+      finish(wd.data_ptr<at::BFloat16>(), gw.data_ptr<at::BFloat16>());
   }
   return {lse, tgt, gx, gw};
 }
