@@ -25,7 +25,7 @@ centres. Op ``cluster_discrimination``, x = N, modes fwd / bwd / full. Providers
 GFLOP/s use the model count of ``workloads.flops`` (6·B·N·D for full), for every provider; the fused
 single pass does exactly that (the two-pass path, used for ``reduction="none"``, does 8·B·N·D). The
 printed line and the note column give each row's share of the fp32 ``torch.mm`` GFLOP/s measured at the
-same run, right before and right after each row's timing (``bench_mm_ceiling.measure_mm_gflops``; the larger
+same run, right before and right after each row's timing (``bench_mm_ceiling.bracket_mm``; the larger
 of the two, since this VM's GEMM rate drifts by ±20 % over minutes; the bar of issue 4 is ≥ 75 % at N = 1M),
 and the size of the returned gradients (which the peak-memory figure includes: the bar of issue 4 is on
 the memory beyond them).
@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import functools
 import gc
 import math
 import time
@@ -237,7 +238,7 @@ def main(argv=None) -> None:
     device = apply_common(args)
     if args.load_library:
         torch.ops.load_library(args.load_library)
-    from benchmarks.bench_mm_ceiling import measure_mm_gflops
+    from benchmarks.bench_mm_ceiling import bracket_mm, measure_mm_gflops
 
     dev_name = device_name(device)
     t_start = time.perf_counter()
@@ -257,9 +258,9 @@ def main(argv=None) -> None:
                     kwargs["library"] = args.load_library
                 t0 = time.perf_counter()
                 wl = load_factory(PROVIDERS[provider])(**kwargs, mode=mode)
-                mm_before = measure_mm_gflops(device, torch.float32, repeats=15)
-                t = time_fn(wl, warmup=args.warmup, repeats=args.repeats, device=device)
-                ceiling = max(mm_before, measure_mm_gflops(device, torch.float32, repeats=15))
+                t, ceiling = bracket_mm(
+                    device, functools.partial(time_fn, wl, warmup=args.warmup, repeats=args.repeats, device=device)
+                )
                 flops = wl.flops
                 del wl
                 gc.collect()

@@ -64,6 +64,16 @@ def measure_mm_gflops(device, dtype: torch.dtype = torch.float32, *, layout: str
     return measure_mm(device, dtype, layout=layout, repeats=repeats)["gflops"]
 
 
+def bracket_mm(device, timed, *, repeats: int = 15):
+    """``(timed(), ceiling)``: runs ``timed()`` between two :func:`measure_mm_gflops` calls and returns the
+    larger of the two fp32 GFLOP/s. This VM's GEMM rate drifts by ±20 % over minutes, so a ratio against
+    one reading taken at the start of a long run can flatter or wrong a kernel; the larger is the
+    conservative ceiling."""
+    before = measure_mm_gflops(device, torch.float32, repeats=repeats)
+    result = timed()
+    return result, max(before, measure_mm_gflops(device, torch.float32, repeats=repeats))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, parents=[common_args()], formatter_class=argparse.RawDescriptionHelpFormatter
