@@ -37,7 +37,11 @@ Pipeline of ``run_balance`` (each stage reads the embeddings once)
 
    Ties go to the smaller row index. ``order.npy`` int64 (valid rows grouped by cluster, each cluster in
    that order) and ``offsets.npy`` int64 ``[k + 1]`` (cluster c is ``order[offsets[c]:offsets[c+1]]``).
-4. **per-cluster rule** (all ranks, cluster ``c`` on rank ``c % world``), in batches of clusters:
+4. **per-cluster rule** (all ranks, cluster ``c`` on rank ``c % world``), in batches of clusters; a
+   cluster with ``c²·D`` below ``SMALL_CLUSTER_FLOPS`` (c < 4096 at D = 512) runs on one intra-op thread,
+   several such clusters at a time on worker threads (as many as torch's intra-op threads); larger ones run
+   one at a time on all the intra-op threads. A given ``max_sim_fn`` is only called from the calling thread,
+   one cluster at a time (one intra-op thread below ``SERIAL_SMALL_CLUSTER_FLOPS``, c < 512 at D = 512):
 
    * ``method="semdedup"``: one pass per cluster with ``max_sim_fn(x) -> (M, idx)``,
      ``M_j = max_{i<j} cos(x_i, x_j)`` over the ordered rows (default: the fused op's
@@ -117,6 +121,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,11 +143,17 @@ KEEP_OPTIONS = ("hard", "easy", "random")
 METHODS = ("semdedup", "unionfind")
 INVALID_POLICIES = ("error", "remove")
 _SIM_BUDGET = 1 << 24  # floats of a [rows, centroids] similarity block (64 MB)
-# Clusters with c²·D below this run with one intra-op thread: their ops are a few hundred µs, and with
-# several OpenMP threads on a shared CPU they stall at barriers (measured here, load ≈ 5 on 2 cores:
-# 200k × 512 into 1024 clusters, dedup 31 s with 2 threads, 4.3 s with 1). The choice depends only on
-# (c, D), so results stay deterministic.
-SMALL_CLUSTER_FLOPS = 1 << 27
+# Clusters with c²·D below this (c < 4096 at D = 512) run with one intra-op thread each, several clusters at
+# a time on a pool of as many worker threads as torch has intra-op threads; larger clusters run one at a
+# time with all the intra-op threads. Small ops split over OpenMP threads stall at barriers on a shared CPU
+# (measured here, load ≈ 4 on 2 cores, clusters of 512-1023 rows: 4.6 GFLOP/s with 2 threads, 41 with 1;
+# 1024-2047 rows: 35 vs 50), and one thread per cluster alone would leave the other cores idle. The choice
+# depends only on (c, D), so results stay deterministic.
+SMALL_CLUSTER_FLOPS = 1 << 33
+# Without the worker pool (a given max_sim_fn, which may not be thread-safe), clusters run one at a time and
+# only those with c²·D below this run with one intra-op thread (at 200k × 512 into 1024 clusters, load ≈ 5:
+# dedup 31 s with 2 threads, 4.3 s with 1).
+SERIAL_SMALL_CLUSTER_FLOPS = 1 << 27
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ class EmbeddingSource:
         while pos < stop:
             a, base = self.shards[s], int(self.starts[s])
             hi = min(stop, base + len(a))
-            out[pos - start : hi - start] = a[pos - base : hi - base]
+            _cast_rows(out[pos - start : hi - start], a[pos - base : hi - base])
             pos, s = hi, s + 1
         return out
 
@@ -228,6 +239,18 @@ class EmbeddingSource:
             s = int(shard[lo])
             out[perm[lo:hi]] = self.shards[s][srt[lo:hi] - self.starts[s]]
         return out
+
+
+def _cast_rows(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` for a float32 ``dst``. float16 blocks are copied as they are (a memcpy out of the
+    memory map) and widened by torch (exact, vectorised, threaded): numpy's float16 → float32 cast took
+    1.5-1.7 µs a 512-wide row here against 0.7-0.9 µs, i.e. ~8 % of the assignment stage at k = 1024."""
+    if src.dtype != np.float16 or not len(src):
+        dst[...] = src
+        return
+    buf = np.empty(src.shape, src.dtype)
+    buf[...] = src
+    torch.from_numpy(dst).copy_(torch.from_numpy(buf))
 
 
 def _load_ids(path: str | None, n: int) -> np.ndarray:
@@ -689,6 +712,7 @@ def run_balance(
         k = len(c_given)
     elif k > src.n:
         raise ValueError(f"k={k} clusters for only {src.n} rows")
+    max_sim_builtin = max_sim_fn is None
     assign_fn, max_sim_fn, fn_names = resolve_fns(assign_fn, max_sim_fn)
     hook = hook or (lambda event, **info: None)
 
@@ -696,8 +720,8 @@ def run_balance(
     try:
         return _pipeline(
             comm, plan, src, ids_arr, out_dir, k, niter, seed, max_points_per_centroid, keep, batch_clusters,
-            chunk_rows, assign_block_rows, tile, invalid, c_given, assign_fn, max_sim_fn, fn_names, hook, progress,
-            plot,
+            chunk_rows, assign_block_rows, tile, invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin, fn_names,
+            hook, progress, plot,
         )  # fmt: skip
     finally:
         comm.close()
@@ -705,7 +729,7 @@ def run_balance(
 
 def _pipeline(
     comm, plan, src, ids_arr, out_dir, k, niter, seed, mppc, keep, batch_clusters, chunk_rows, block_rows, tile,
-    invalid, c_given, assign_fn, max_sim_fn, fn_names, hook, progress, plot,
+    invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin, fn_names, hook, progress, plot,
 ):  # fmt: skip
     out = os.path.abspath(out_dir)
     parts_dir, batch_dir = os.path.join(out, "parts"), os.path.join(out, "batches")
@@ -839,6 +863,34 @@ def _pipeline(
 
     threads0 = torch.get_num_threads()
 
+    def one_cluster(c):
+        rows = np.asarray(order_arr[offsets[c] : offsets[c + 1]])
+        x, _ = _normalize(src.take(rows))
+        if plan.method == "semdedup":
+            m, i = max_sim_fn(torch.from_numpy(x))
+            m, i = _np(m).astype(np.float32), _np(i).astype(np.int64)
+            return m, np.where(i >= 0, rows[np.maximum(i, 0)], -1)
+        roots = unionfind_groups(x, cos_thr, tile)
+        return np.stack([group_representatives(x, r, rows) for r in roots])
+
+    def run_batch(batch, pool):
+        """Results of the non-empty clusters of ``batch``, in batch order (see SMALL_CLUSTER_FLOPS)."""
+        sizes = {c: int(offsets[c + 1] - offsets[c]) for c in batch}
+        limit = SMALL_CLUSTER_FLOPS if pool is not None else SERIAL_SMALL_CLUSTER_FLOPS
+        small = {c for c in batch if 0 < sizes[c] and float(sizes[c]) ** 2 * src.d < limit}
+        out = {}
+        with _threads(threads0):
+            for c in batch:
+                if sizes[c] and c not in small:
+                    out[c] = one_cluster(c)
+        with _threads(1):
+            todo = sorted(small, key=lambda c: (-sizes[c], c))  # largest first: the shortest tail
+            if pool is not None and len(todo) > 1:
+                out.update(zip(todo, pool.map(one_cluster, todo)))
+            else:
+                out.update((c, one_cluster(c)) for c in todo)
+        return [out[c] for c in batch if sizes[c]]
+
     def dedup_mine():
         done = set()
         for f in glob.glob(os.path.join(batch_dir, "batch_c*.npz")):
@@ -847,37 +899,29 @@ def _pipeline(
         todo = [c for c in range(k) if c % comm.world == comm.rank and c not in done]
         t0, rows_done, flops = time.perf_counter(), 0, 0.0
         bar = _progress(progress, len(todo), comm.rank)
-        for j in range(0, len(todo), batch_clusters):
-            batch = todo[j : j + batch_clusters]
-            hook("batch_start", clusters=batch)
-            tb = time.perf_counter()
-            res_m, res_nn, res_rep = [], [], []
-            for c in batch:
-                rows = np.asarray(order_arr[offsets[c] : offsets[c + 1]])
-                if not len(rows):
-                    continue
-                x, _ = _normalize(src.take(rows))
-                rows_done += len(rows)
-                flops += float(len(rows)) ** 2 * src.d
-                with _threads(1 if float(len(rows)) ** 2 * src.d < SMALL_CLUSTER_FLOPS else threads0):
-                    if plan.method == "semdedup":
-                        m, i = max_sim_fn(torch.from_numpy(x))
-                        m, i = _np(m).astype(np.float32), _np(i).astype(np.int64)
-                        res_m.append(m)
-                        res_nn.append(np.where(i >= 0, rows[np.maximum(i, 0)], -1))
-                    else:
-                        roots = unionfind_groups(x, cos_thr, tile)
-                        res_rep.append(np.stack([group_representatives(x, r, rows) for r in roots]))
-            arrays = {"clusters": np.asarray(batch, np.int64), "seconds": np.float64(time.perf_counter() - tb)}
-            if plan.method == "semdedup":
-                arrays["m"] = np.concatenate(res_m) if res_m else np.zeros(0, np.float32)
-                arrays["nn"] = np.concatenate(res_nn) if res_nn else np.zeros(0, np.int64)
-            else:
-                T = len(plan.thresholds)
-                arrays["rep"] = np.concatenate(res_rep, axis=1) if res_rep else np.zeros((T, 0), np.int64)
-            _atomic_npz(os.path.join(batch_dir, f"batch_c{batch[0]:08d}.npz"), **arrays)
-            bar.update(len(batch))
-            hook("batch_done", clusters=batch)
+        # worker threads for small clusters; only for the built-in functions (a given max_sim_fn may not be
+        # thread-safe, so it is called from this thread only)
+        workers = threads0 if threads0 > 1 and (plan.method == "unionfind" or max_sim_builtin) else 0
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers else None
+            for j in range(0, len(todo), batch_clusters):
+                batch = todo[j : j + batch_clusters]
+                hook("batch_start", clusters=batch)
+                tb = time.perf_counter()
+                res = run_batch(batch, pool)
+                sizes = np.diff(offsets)[batch].astype(np.float64)
+                rows_done += int(sizes.sum())
+                flops += float((sizes**2).sum()) * src.d
+                arrays = {"clusters": np.asarray(batch, np.int64), "seconds": np.float64(time.perf_counter() - tb)}
+                if plan.method == "semdedup":
+                    arrays["m"] = np.concatenate([r[0] for r in res]) if res else np.zeros(0, np.float32)
+                    arrays["nn"] = np.concatenate([r[1] for r in res]) if res else np.zeros(0, np.int64)
+                else:
+                    T = len(plan.thresholds)
+                    arrays["rep"] = np.concatenate(res, axis=1) if res else np.zeros((T, 0), np.int64)
+                _atomic_npz(os.path.join(batch_dir, f"batch_c{batch[0]:08d}.npz"), **arrays)
+                bar.update(len(batch))
+                hook("batch_done", clusters=batch)
         bar.close()
         return time.perf_counter() - t0, rows_done, flops
 
