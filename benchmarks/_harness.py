@@ -380,6 +380,37 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def timed_row(
+    op: str,
+    provider: str,
+    mode: str,
+    x_name: str,
+    x_value,
+    timing: Mapping,
+    *,
+    device,
+    note: str,
+    peak_mb: float | None = None,
+    gflops: float | None = None,
+) -> dict:
+    """One CSV row from :func:`time_fn`'s result (p20 / p50 / p80 ms); the columns :func:`append_rows` fills
+    in itself (threads, versions, git sha, timestamp) are left out, and ``None`` stays an empty cell."""
+    return dict(
+        op=op,
+        provider=provider,
+        mode=mode,
+        x_name=x_name,
+        x_value=x_value,
+        p20_ms=timing["p20"],
+        p50_ms=timing["p50"],
+        p80_ms=timing["p80"],
+        peak_mb=peak_mb,
+        gflops=gflops,
+        device=str(device),
+        note=note,
+    )
+
+
 def append_rows(csv_path: str | os.PathLike, rows: Iterable[Mapping]) -> int:
     """Append ``rows`` (mappings keyed by :data:`COLUMNS`) to a long-format CSV; returns how many.
 
@@ -521,7 +552,10 @@ def plot(
     ax_m.set_xlabel(x_name)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    for ax in (ax_t, ax_m):
+    measured_peak = any(math.isfinite(_num(r["peak_mb"])) and _num(r["peak_mb"]) > 0 for r in rows)
+    if not measured_peak:  # --no-memory: nothing to put on a log axis
+        ax_m.text(0.5, 0.5, "peak memory not measured", transform=ax_m.transAxes, ha="center", va="center")
+    for ax in (ax_t, ax_m) if measured_peak else (ax_t,):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         # label 1-2-5 steps so a panel spanning less than a decade still has numbers on it

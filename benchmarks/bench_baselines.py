@@ -36,6 +36,7 @@ from benchmarks._harness import (
     peak_memory,
     plot,
     time_fn,
+    timed_row,
 )
 from benchmarks.bench_mm_ceiling import measure_mm_gflops
 
@@ -123,19 +124,17 @@ def main(argv=None) -> None:
                     + (f" ({mem['error']})" if "error" in mem else "")
                 )
                 rows.append(
-                    dict(
-                        op=op,
-                        provider="reference",
-                        mode=mode,
-                        x_name=spec["x_name"],
-                        x_value=size,
-                        p20_ms=t["p20"],
-                        p50_ms=t["p50"],
-                        p80_ms=t["p80"],
+                    timed_row(
+                        op,
+                        "reference",
+                        mode,
+                        spec["x_name"],
+                        size,
+                        t,
+                        device=device,
+                        note=note,
                         peak_mb=mem["peak_mb"],
                         gflops=gflops,
-                        device=str(device),
-                        note=note,
                     )
                 )
                 peak = mem["peak_mb"]

@@ -59,6 +59,7 @@ from benchmarks._harness import (
     peak_memory,
     plot,
     time_fn,
+    timed_row,
 )
 
 OP = "cluster_discrimination"
@@ -278,19 +279,17 @@ def main(argv=None) -> None:
                     + (f" ({mem['error']})" if "error" in mem else "")
                 )
                 rows.append(
-                    dict(
-                        op=OP,
-                        provider=provider,
-                        mode=mode,
-                        x_name="N",
-                        x_value=size,
-                        p20_ms=t["p20"],
-                        p50_ms=t["p50"],
-                        p80_ms=t["p80"],
+                    timed_row(
+                        OP,
+                        provider,
+                        mode,
+                        "N",
+                        size,
+                        t,
+                        device=device,
+                        note=note,
                         peak_mb=mem["peak_mb"],
                         gflops=gflops,
-                        device=str(device),
-                        note=note,
                     )
                 )
                 peak = mem["peak_mb"]

@@ -47,6 +47,7 @@ from benchmarks._harness import (
     load_note,
     peak_memory,
     time_fn,
+    timed_row,
 )
 
 OP = "dedup_cluster"
@@ -192,23 +193,21 @@ def main(argv=None) -> None:
             gflops = flops / (t["p50"] * 1e-3) / 1e9
             res[provider] = (t["p50"], mem["peak_mb"], gflops)
             rows.append(
-                dict(
-                    op=OP,
-                    provider=provider,
-                    mode="fwd",
-                    x_name="c",
-                    x_value=size,
-                    p20_ms=t["p20"],
-                    p50_ms=t["p50"],
-                    p80_ms=t["p80"],
-                    peak_mb=mem["peak_mb"],
-                    gflops=gflops,
-                    device=str(device),
+                timed_row(
+                    OP,
+                    provider,
+                    "fwd",
+                    "c",
+                    size,
+                    t,
+                    device=device,
                     note=(
                         f"{provider}; D={args.D} dtype={args.dtype}; FLOPs c^2*D; {t['repeats']} repeats; "
                         f"{gflops / ceiling:.0%} of fp32 mm ceiling {ceiling:.1f} GFLOP/s (max of before/after); "
                         f"peak: {mem['method']}; {load_note()}" + (f" ({mem['error']})" if "error" in mem else "")
                     ),
+                    peak_mb=mem["peak_mb"],
+                    gflops=gflops,
                 )
             )
             peak = mem["peak_mb"]

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks._harness import append_rows, apply_common, common_args, load_note, time_fn
+from benchmarks._harness import append_rows, apply_common, common_args, load_note, time_fn, timed_row
 
 SHAPE = (4096, 512, 4096)  # m, k, n
 SMALL_SHAPE = (1024, 512, 1024)
@@ -96,18 +96,16 @@ def main(argv=None) -> None:
             note = f"A [{m},{k}] x B [{k},{n}], B stored {b_store}; {reps} repeats; {load_note()}"
             print(f"mm {dname:9s} {layout}: p50 {t['p50']:9.2f} ms  {t['gflops']:8.2f} GFLOP/s  ({note})", flush=True)
             rows.append(
-                dict(
-                    op="mm_ceiling",
-                    provider="torch.mm",
-                    mode=layout,
-                    x_name="dtype",
-                    x_value=dname,
-                    p20_ms=t["p20"],
-                    p50_ms=t["p50"],
-                    p80_ms=t["p80"],
-                    gflops=t["gflops"],
-                    device=str(device),
+                timed_row(
+                    "mm_ceiling",
+                    "torch.mm",
+                    layout,
+                    "dtype",
+                    dname,
+                    t,
+                    device=device,
                     note=note,
+                    gflops=t["gflops"],
                 )
             )
     append_rows(args.csv, rows)

@@ -57,6 +57,7 @@ from benchmarks._harness import (
     peak_memory,
     plot,
     time_fn,
+    timed_row,
 )
 from benchmarks.bench_mm_ceiling import measure_mm_gflops
 
@@ -294,19 +295,17 @@ def main(argv=None) -> None:
             + (f" ({mem['error']})" if "error" in mem else "")
         )
         rows.append(
-            dict(
-                op=OP,
-                provider=prov,
-                mode=mode,
-                x_name="B",
-                x_value=size,
-                p20_ms=t["p20"],
-                p50_ms=t["p50"],
-                p80_ms=t["p80"],
+            timed_row(
+                OP,
+                prov,
+                mode,
+                "B",
+                size,
+                t,
+                device=device,
+                note=note,
                 peak_mb=mem["peak_mb"],
                 gflops=gflops,
-                device=str(device),
-                note=note,
             )
         )
     append_rows(args.csv, rows)

@@ -142,3 +142,17 @@ def test_plot_writes_a_png_from_the_latest_rows(tmp_path):
     out = H.plot(path, "test_op", tmp_path / "plots" / "test_op.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_without_memory_rows_and_timed_row(tmp_path):
+    """Rows from a --no-memory run (peak NaN everywhere) still plot (a log axis of no data used to raise),
+    and timed_row maps time_fn's quantiles onto the p20/p50/p80 columns."""
+    path = tmp_path / "r.csv"
+    t = {"p20": 1.0, "p50": 2.0, "p80": 3.0}
+    rows = [H.timed_row("test_op", "p", "fwd", "B", x, t, device="cpu", note="n", peak_mb=float("nan")) for x in (1, 2)]
+    assert rows[0]["p20_ms"] == 1.0 and rows[0]["p50_ms"] == 2.0 and rows[0]["p80_ms"] == 3.0
+    H.append_rows(path, rows)
+    read = H.read_rows(path)
+    assert [r["p80_ms"] for r in read] == ["3", "3"] or [float(r["p80_ms"]) for r in read] == [3.0, 3.0]
+    out = H.plot(path, "test_op", tmp_path / "test_op.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
