@@ -10,19 +10,22 @@ through every shard; the single-device loss is ``lse − target``.
 
 Faces:
 
-* C++ CPU (``csrc/cpu/margin_softmax.cpp``): W streamed in tiles normalised into fp32, one MKL GEMM per
-  tile, an online log-sum-exp per row; the backward recomputes each tile from the saved lse
-  (3 GEMMs per tile). fp32 / bf16 storage, fp32 math. For a "mean" / "sum" loss that needs gradients,
-  a single pass (``margin_softmax_fused_grad``: row chunks of ≤ 128 rows × all N logits, gradients computed
-  in the forward, 3 GEMMs per tile in all; each thread owns a block of L2-sized class tiles, so its
-  GEMMs are single-threaded and its rows of grad_w are its own) and a backward that only scales them.
+* C++ CPU (``csrc/cpu/margin_softmax.cpp``): one engine, ``margin_softmax_fused_grad``: row chunks of
+  ≤ 128 rows × all N logits, each thread owning a block of L2-sized class tiles (single-threaded GEMMs,
+  its own rows of grad_w), an online log-sum-exp per row; given the per-row gradient weights it returns
+  lse, the target logit and the exact gradients in one pass (6·B·N·D FLOPs). A "mean" / "sum" loss that
+  needs gradients knows those weights at forward time and takes that single pass, with a backward that
+  only scales the gradients. Otherwise (``reduction="none"``, the class-sharded loss) the forward is the
+  pass without gradients (one tile slot per thread, W read once) and the backward the full pass with
+  the incoming weights (8·B·N·D in all). fp32 / bf16 storage, fp32 math.
 * Triton (GPU; on CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over row blocks, and
   backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one row.
   Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
   and are computed outside the kernels with the reference's own ``combined_margin``.
 * the reference (float64 and float16 on CPU, and the fallback).
 
-Extra memory of the fused backends: O(B·D + tile·(B + D) + N) floats, never O(B·N).
+Extra memory, never O(B·N): C++ R·N (≤ 384 MB) + B·D + N floats for a pass with gradients, B·T per thread
+without; Triton O(B·D + tile·(B + D) + N) floats.
 """
 
 from __future__ import annotations

@@ -5,15 +5,16 @@
 // replaced by s psi(cos theta_iy) (tiles.h margin_psi). Returns lse [B] (log-sum-exp over this shard)
 // and target [B] (s psi, 0 where labels == -1).
 //
-// Streaming: W is read in tiles of `tile` classes, each normalised into an fp32 buffer; the logits
-// tile [B, tile] = x_hat W_hat_tile^T is one at::mm (MKL, all threads), then an online-LSE update per
-// row (at::parallel_for over rows). Extra memory: x_hat [B, D], one W tile, one logits tile, O(B)
-// states. Backward recomputes each logits tile from the saved lse:
+// One engine, margin_softmax_fused_grad (below): row chunks of R rows x all N logits, threads owning
+// blocks of class tiles. Given per-row weights (g_lse, g_tgt) of d loss / d (lse, target) it returns
+// lse, target and the exact gradients in one pass (6 B N D FLOPs):
 //   dcos_ij = s g_lse_i P_ij                          (j != y_i)
 //   dcos_iy = s psi'(c_iy) (g_lse_i P_iy + g_tgt_i)     (the target column, labels >= 0)
-// dX_hat += dcos W_hat_tile (addmm into a [B, D] accumulator), dW_hat_tile = dcos^T X_hat (one mm per
-// tile; the tile's rows of grad_w are written once, so there are no races), then the gradient goes
-// through the normalisations: d a = (d a_hat - a_hat <d a_hat, a_hat>) / ||a||. fp32 throughout.
+// then through the normalisations: d a = (d a_hat - a_hat <d a_hat, a_hat>) / ||a||. fp32 throughout.
+// The two-pass ops autograd needs when the weights are only known after the forward
+// (reduction="none", the class-sharded loss) are thin calls of it: margin_softmax_fwd = the pass
+// without gradients (2 B N D), margin_softmax_bwd = the full pass with the incoming weights (it
+// recomputes lse with the same code, so the saved lse is only checked for its shape).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -26,12 +27,6 @@
 #include "tiles.h"
 
 namespace {
-
-// Classes per tile: keep the [B, tile] fp32 logits tile around 16 MB, within [512, 8192].
-int64_t pick_tile(int64_t B, int64_t N, int64_t tile) {
-  if (tile <= 0) tile = std::clamp<int64_t>((int64_t{1} << 22) / std::max<int64_t>(B, 1), 512, 8192);
-  return std::max<int64_t>(1, std::min(tile, std::max<int64_t>(N, 1)));
-}
 
 // Rows [r0, r0 + n) of a [R, D] matrix, normalised into out [n, D] fp32; inverse norms into inv [n].
 template <typename T>
@@ -60,32 +55,6 @@ void normalise_rows_any(const at::Tensor& a, int64_t r0, int64_t n, float* out, 
   else
     normalise_rows(a.data_ptr<at::BFloat16>(), r0, n, D, out, inv);
 }
-
-// The streaming step both two-pass ops share: W rows [t0, t0 + n) normalised into an fp32 tile (inverse
-// norms in iw) and the cos tile [B, n] = x_hat W_hat_tile^T (one MKL GEMM on all threads).
-struct CosTiles {
-  const at::Tensor& w;
-  const at::Tensor& xh;
-  int64_t tile, D;
-  at::Tensor wbuf, iw, lbuf;
-  CosTiles(const at::Tensor& w_, const at::Tensor& xh_, int64_t tile_)
-      : w(w_),
-        xh(xh_),
-        tile(tile_),
-        D(w_.size(1)),
-        wbuf(at::empty({tile_ * w_.size(1)}, xh_.options())),
-        iw(at::empty({tile_}, xh_.options())),
-        lbuf(at::empty({xh_.size(0) * tile_}, xh_.options())) {}
-  // {W_hat tile [n, D], cos tile [B, n]}; both live until the next call
-  std::pair<at::Tensor, at::Tensor> load(int64_t t0) {
-    const int64_t n = std::min(tile, w.size(0) - t0), B = xh.size(0);
-    auto wt = wbuf.narrow(0, 0, n * D).view({n, D});
-    normalise_rows_any(w, t0, n, wt.data_ptr<float>(), iw.data_ptr<float>());
-    auto lg = lbuf.narrow(0, 0, B * n).view({B, n});
-    at::mm_out(lg, xh, wt.t());
-    return {wt, lg};
-  }
-};
 
 // grad_a[r] = (g_hat[r] - a_hat[r] <g_hat[r], a_hat[r]>) * inv[r], written in T.
 template <typename T>
@@ -129,140 +98,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
   const int64_t* lp = lab.data_ptr<int64_t>();
   for (int64_t i = 0; i < lab.numel(); ++i)
     CLIPCID_CHECK(lp[i] >= -1 && lp[i] < N, "labels[", i, "] = ", lp[i], " is outside [-1, ", N, ")");
-}
-
-std::tuple<at::Tensor, at::Tensor> margin_softmax_fwd(const at::Tensor& x, const at::Tensor& w,
-                                                      const at::Tensor& labels, double scale, double m1, double m2,
-                                                      double m3, int64_t tile) {
-  check_inputs(x, w, labels);
-  const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto lse = at::empty({B}, f32);
-  auto tgt = at::zeros({B}, f32);
-  if (B == 0) return {lse, tgt};
-  auto lab = labels.contiguous();
-  const int64_t* lp = lab.data_ptr<int64_t>();
-  const float s = static_cast<float>(scale);
-  const clipcid::Margin mg = clipcid::make_margin(m1, m2, m3);
-
-  auto xh = at::empty({B, D}, f32);
-  auto ix = at::empty({B}, f32);
-  normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
-
-  tile = pick_tile(B, N, tile);
-  CosTiles tiles(w, xh, tile);
-  std::vector<clipcid::OnlineLSE> st(B, clipcid::lse_empty());
-  float* tp = tgt.data_ptr<float>();
-
-  for (int64_t t0 = 0; t0 < N; t0 += tile) {
-    const int64_t n = std::min(tile, N - t0);
-    auto lg = tiles.load(t0).second;
-    float* L = lg.data_ptr<float>();
-    at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) {
-        float* row = L + i * n;
-        const int64_t y = lp[i] - t0;
-        float target = 0.0f;
-        const bool has_target = (y >= 0 && y < n);
-        if (has_target) {
-          float dpsi;
-          target = s * clipcid::margin_psi(row[y], mg, &dpsi);
-        }
-        float tmax = -INFINITY;
-#pragma omp simd reduction(max : tmax)
-        for (int64_t j = 0; j < n; ++j) {
-          row[j] *= s;
-          tmax = std::max(tmax, row[j]);
-        }
-        if (has_target) {
-          row[y] = target;
-          tp[i] = target;
-          tmax = -INFINITY;  // the margin may lower the row max: recompute it
-#pragma omp simd reduction(max : tmax)
-          for (int64_t j = 0; j < n; ++j) tmax = std::max(tmax, row[j]);
-        }
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) sum += clipcid::fast_expf(row[j] - tmax);
-        st[i] = clipcid::lse_merge(st[i], clipcid::OnlineLSE{tmax, sum});
-      }
-    });
-  }
-  float* lo = lse.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i) lo[i] = clipcid::lse_value(st[i]);
-  return {lse, tgt};
-}
-
-std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_target,
-                                                      const at::Tensor& x, const at::Tensor& w,
-                                                      const at::Tensor& labels, const at::Tensor& lse, double scale,
-                                                      double m1, double m2, double m3, bool need_x, bool need_w,
-                                                      int64_t tile) {
-  check_inputs(x, w, labels);
-  CHECK_DTYPE(lse, at::kFloat);
-  const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
-  CLIPCID_CHECK(grad_lse.numel() == B && grad_target.numel() == B && lse.numel() == B,
-                "grad_lse, grad_target and lse must have B = ", B, " elements");
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
-  auto gw = need_w ? at::empty_like(w) : at::empty({0}, w.options());
-  if (B == 0) {
-    if (need_w) gw.zero_();
-    return {gx, gw};
-  }
-  auto gl = grad_lse.to(at::kFloat).contiguous();
-  auto gt = grad_target.to(at::kFloat).contiguous();
-  auto lsec = lse.contiguous();
-  auto lab = labels.contiguous();
-  const int64_t* lp = lab.data_ptr<int64_t>();
-  const float* glp = gl.data_ptr<float>();
-  const float* gtp = gt.data_ptr<float>();
-  const float* lsp = lsec.data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  const clipcid::Margin mg = clipcid::make_margin(m1, m2, m3);
-
-  auto xh = at::empty({B, D}, f32);
-  auto ix = at::empty({B}, f32);
-  normalise_rows_any(x, 0, B, xh.data_ptr<float>(), ix.data_ptr<float>());
-  auto dxh = need_x ? at::zeros({B, D}, f32) : at::Tensor();
-
-  tile = pick_tile(B, N, tile);
-  CosTiles tiles(w, xh, tile);
-  auto dwbuf = need_w ? at::empty({tile * D}, f32) : at::Tensor();
-
-  for (int64_t t0 = 0; t0 < N && (need_x || need_w); t0 += tile) {
-    const int64_t n = std::min(tile, N - t0);
-    auto [wt, lg] = tiles.load(t0);
-    float* L = lg.data_ptr<float>();
-    at::parallel_for(0, B, 8, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) {
-        float* row = L + i * n;
-        const int64_t y = lp[i] - t0;
-        const float l = lsp[i], g = glp[i], sg = s * glp[i];
-        float dy = 0.0f;
-        const bool has_target = (y >= 0 && y < n);
-        if (has_target) {
-          float dpsi;
-          const float psi = clipcid::margin_psi(row[y], mg, &dpsi);
-          dy = s * dpsi * (g * clipcid::fast_expf(s * psi - l) + gtp[i]);
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) row[j] = sg * clipcid::fast_expf(s * row[j] - l);
-        if (has_target) row[y] = dy;
-      }
-    });
-    if (need_x) dxh.addmm_(lg, wt);
-    if (need_w) {
-      auto dwt = dwbuf.narrow(0, 0, n * D).view({n, D});
-      at::mm_out(dwt, lg.t(), xh);
-      unnormalise_grad_any(dwt.data_ptr<float>(), wt.data_ptr<float>(), tiles.iw.data_ptr<float>(), n, D, gw, t0);
-    }
-  }
-  if (need_x) {
-    if (N == 0) dxh.zero_();
-    unnormalise_grad_any(dxh.data_ptr<float>(), xh.data_ptr<float>(), ix.data_ptr<float>(), B, D, gx, 0);
-  }
-  return {gx, gw};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,6 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   // (R = 94 at N = 1M, 128 up to N = 768k), then balanced so the last chunk is not a sliver.
   // Classes per tile T: a W tile and its accumulator rows (T x D fp32 each, 512 KB at D = 512) share a
   // 1 MB L2 (T = 256 measured best at N = 1M against 128, 512 and 1024).
+  // Without gradients (the two-pass forward) no logits outlive their tile: one tile slot per thread and
+  // all B rows in one chunk (W read once).
+  const bool keep = need_x || need_w;
+  if (rows <= 0 && !keep) rows = B;
   if (rows <= 0) {
     const int64_t rmax = std::clamp<int64_t>((int64_t{96} << 20) / N, 32, 128);
     const int64_t chunks = (B + rmax - 1) / rmax;
@@ -422,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   // keeps per-row partial LSE states (merged in a fixed order, so results do not depend on timing)
   // and its own dX_hat partial (summed after pass B).
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
-  auto buf = at::empty({R * nt * T}, f32);
+  auto buf = at::empty({R * (keep ? nt : P) * T}, f32);
   auto wtb = w32 ? at::Tensor() : at::empty({P, T, D}, f32);
   auto w_tile = [&](int64_t p, int64_t t0, int64_t n) -> at::Tensor {
     if (w32) return wd.narrow(0, t0, n);
@@ -451,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
         const auto [k0, k1] = tiles_of(p);
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t t0 = k * T, n = std::min(T, N - t0);
-          auto lt = buf.narrow(0, k * R * T, r * n).view({r, n});
+          auto lt = buf.narrow(0, (keep ? k : p) * R * T, r * n).view({r, n});
           at::mm_out(lt, xc, w_tile(p, t0, n).t());
           float* L = lt.data_ptr<float>();
           for (int64_t i = 0; i < r; ++i) {
@@ -535,6 +374,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
       finish(wd.data_ptr<at::BFloat16>(), gw.data_ptr<at::BFloat16>());
   }
   return {lse, tgt, gx, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_fwd(const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& labels, double scale, double m1, double m2,
+                                                      double m3, int64_t tile) {
+  const auto z = at::zeros({x.size(0)}, x.options().dtype(at::kFloat));
+  auto r = margin_softmax_fused_grad(x, w, labels, z, z, scale, m1, m2, m3, false, false, 0, tile);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                                                      const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& labels, const at::Tensor& lse, double scale,
+                                                      double m1, double m2, double m3, bool need_x, bool need_w,
+                                                      int64_t tile) {
+  CHECK_DTYPE(lse, at::kFloat);
+  CLIPCID_CHECK(lse.numel() == x.size(0), "lse must have B = ", x.size(0), " elements");
+  auto r = margin_softmax_fused_grad(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, 0, tile);
+  return {std::get<2>(r), std::get<3>(r)};
 }
 
 }  // namespace
