@@ -314,6 +314,31 @@ def test_fused_chunk_sizes_agree_with_two_pass(rows, tile):
 
 
 @needs_fused
+def test_fused_is_deterministic_and_thread_count_only_reorders_sums():
+    """Threads own blocks of class tiles and merge per-row partial LSEs in a fixed order: two runs at one
+    thread count are bitwise equal, and 1 vs 3 threads differ only by fp32 summation order."""
+    x, w, lab, _ = _inputs(70, 1100, 512, torch.float32, "mixed")
+    x, w = x.float(), w.float()
+    g = torch.Generator().manual_seed(5)
+    gl, gt = torch.rand(70, generator=g), -torch.rand(70, generator=g)
+    C = torch.ops.clipcid_fast_C
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 3, 3):
+            torch.set_num_threads(n)
+            out.setdefault(n, []).append(
+                C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, True, True)
+            )
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*out[3]):
+        assert torch.equal(a, b)
+    for a, b in zip(out[1][0], out[3][0]):
+        torch.testing.assert_close(a, b, atol=1e-6 * (1 + b.abs().max().item()), rtol=1e-5)
+
+
+@needs_fused
 def test_fused_path_is_taken_only_when_gradients_are_wanted():
     x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
     x, w = x.float().requires_grad_(), w.float().requires_grad_()
