@@ -339,6 +339,22 @@ def test_fused_is_deterministic_and_thread_count_only_reorders_sums():
 
 
 @needs_fused
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_loss_under_inference_mode_with_class_tiles_over_threads(mode):
+    """Evaluation of a loss over a learnable W (several class tiles, split over the threads): the worker
+    threads do not inherit the caller's inference mode, so their in-place GEMMs must not go through
+    autograd / ADInplaceOrView (this raised "Inplace update to inference tensor" before)."""
+    x, w, lab, _ = _inputs(33, 700, 512, torch.float32, "mixed")
+    w = torch.nn.Parameter(w.float())
+    gold = reference.cluster_discrimination_loss(x, w.detach().double(), lab, 32.0, 1.0, 0.5, 0.0)
+    with getattr(torch, mode)():
+        for red in ("mean", "none"):
+            got = ms.cluster_discrimination_loss(x.float(), w, lab, 32.0, (1.0, 0.5, 0.0), reduction=red, impl="cpu")
+            want = gold.sum() / (lab >= 0).sum() if red == "mean" else gold
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@needs_fused
 def test_fused_path_is_taken_only_when_gradients_are_wanted():
     x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
     x, w = x.float().requires_grad_(), w.float().requires_grad_()

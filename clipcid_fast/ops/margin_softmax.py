@@ -24,8 +24,8 @@ Faces:
   and are computed outside the kernels with the reference's own ``combined_margin``.
 * the reference (float64 and float16 on CPU, and the fallback).
 
-Extra memory, never O(B·N): C++ R·N (≤ 384 MB) + B·D + N floats for a pass with gradients, B·T per thread
-without; Triton O(B·D + tile·(B + D) + N) floats.
+Extra memory, never O(B·N): C++ R·N (≤ 384 MB while N ≤ 3M, 32·N floats beyond) + B·D + N floats for a pass
+with gradients, ≤ 64 MB of tile slots without; Triton O(B·D + tile·(B + D) + N) floats.
 """
 
 from __future__ import annotations
@@ -681,9 +681,9 @@ def cluster_discrimination_loss(
     embeddings or centres requiring grad) takes a single pass: the gradients are computed in the forward
     for the reduction's row weights and the backward only scales them by the scalar grad_output
     (6·B·N·D FLOPs instead of 8·B·N·D; extra memory R·N + B·D floats, R ≤ 128 rows per chunk with the
-    R·N buffer ≤ 384 MB, e.g. R = 94 at N = 1M; bf16 centres also take an fp32 [N, D] accumulator). Centres that
-    do not require grad get no dW work. Such a loss can be backpropagated once (a second backward with
-    ``retain_graph`` raises).
+    R·N buffer ≤ 384 MB up to N = 3M, e.g. R = 94 at N = 1M; bf16 centres also take an fp32 [N, D]
+    accumulator). Centres that do not require grad get no dW work. Such a loss can be backpropagated once
+    (a second backward with ``retain_graph`` raises).
     ``"none"``, no-grad calls and the other backends use the two-pass path (forward LSE, recomputing
     backward).
 

@@ -111,8 +111,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
 // G_tile += E_tile^T X_hat_chunk. W is never normalised into a copy: cos = (x_hat . w_j) / ||w_j||, and
 // with E = dcos / ||w|| the norms cancel: grad_w_j = G_j - w_hat_j <G_j, w_hat_j>. For fp32 W the fp32
 // accumulator G is the returned grad_w itself (finished in place). FLOPs: 2 B N D (logits) +
-// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 384 MB) + B D + N floats (+ an fp32 [N, D]
-// accumulator and one fp32 W tile per thread when W is bf16).
+// 2 B N D (dX) + 2 B N D (dW) = 6 B N D. Extra memory: R N (<= 384 MB up to N = 3M) + B D + N floats
+// (+ an fp32 [N, D] accumulator and one fp32 W tile per thread when W is bf16).
 
 // z_j = s L_j iw_j in place on one row of a tile; the target column (local index y, or -1) becomes tgt.
 // Returns the row's (max, sum exp) over the tile.
@@ -241,20 +241,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
 
   // Rows per chunk R: every chunk re-reads W twice and reads + writes the [N, D] accumulator once, so
   // fewer, larger chunks cut memory traffic; the R x N fp32 buffer is capped at 384 MB and R at 128
-  // (R = 94 at N = 1M, 128 up to N = 768k), then balanced so the last chunk is not a sliver.
+  // (R = 94 at N = 1M, 128 up to N = 768k; R >= 32, so above N = 3M the buffer is 32 N floats), then
+  // balanced so the last chunk is not a sliver.
   // Classes per tile T: a W tile and its accumulator rows (T x D fp32 each, 512 KB at D = 512) share a
   // 1 MB L2 (T = 256 measured best at N = 1M against 128, 512 and 1024).
   // Without gradients (the two-pass forward) no logits outlive their tile: one tile slot per thread and
-  // all B rows in one chunk (W read once).
+  // up to 64 MB of rows per chunk (all of them at B = 1024: W read once).
   const bool keep = need_x || need_w;
-  if (rows <= 0 && !keep) rows = B;
+  const int64_t T = std::min(tile > 0 ? tile : std::clamp<int64_t>((int64_t{1} << 17) / D, 64, 2048), N);
+  if (rows <= 0 && !keep) {
+    const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1) * T;
+    rows = std::max<int64_t>((int64_t{16} << 20) / slots, 128);
+  }
   if (rows <= 0) {
     const int64_t rmax = std::clamp<int64_t>((int64_t{96} << 20) / N, 32, 128);
     const int64_t chunks = (B + rmax - 1) / rmax;
     rows = (B + chunks - 1) / chunks;
   }
   const int64_t R = std::min(rows, B);
-  const int64_t T = std::min(tile > 0 ? tile : std::clamp<int64_t>((int64_t{1} << 17) / D, 64, 2048), N);
   const int64_t nt = (N + T - 1) / T;
   // Threads own contiguous blocks of tiles (class sharding inside the process, like ranks): each
   // thread runs single-threaded GEMMs on its own W tiles and accumulator rows (no races on grad_w),
@@ -284,7 +288,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
     std::fill(dps.begin(), dps.end(), 0.0f);
     // pass A: logits, per-thread online LSE (a row's target column lives in exactly one tile)
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      // Worker threads do not inherit the caller's thread-local state (grad mode, inference mode): below
+      // autograd and ADInplaceOrView the in-place GEMMs into scratch made on the calling thread are plain
+      // kernels (no graph, no version-counter bump on inference tensors).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t p = p0; p < p1; ++p) {
         clipcid::OnlineLSE* sp = st.data() + p * R;
         const auto [k0, k1] = tiles_of(p);
@@ -318,7 +325,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
     if (!(need_x || need_w)) continue;
     // pass B: dcos / ||w|| in place, then dX_hat partial += E W_tile and G_tile += E^T X_hat_chunk
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      // Worker threads do not inherit the caller's thread-local state (grad mode, inference mode): below
+      // autograd and ADInplaceOrView the in-place GEMMs into scratch made on the calling thread are plain
+      // kernels (no graph, no version-counter bump on inference tensors).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t p = p0; p < p1; ++p) {
         at::Tensor dxl;
         if (need_x) {
