@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "row_norms.h"
 #include "tiles.h"
 
 namespace {
@@ -222,20 +223,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   const at::Tensor wd = w.detach();
   auto iwt = at::empty({N}, f32);
   float* iw = iwt.data_ptr<float>();
-  auto inv_norms = [&](const auto* wp) {
-    at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
-      for (int64_t j = a; j < b; ++j) {
-        const auto* r = wp + j * D;
-        float ss = 0.0f;
-        for (int64_t d = 0; d < D; ++d) ss += static_cast<float>(r[d]) * static_cast<float>(r[d]);
-        iw[j] = 1.0f / std::sqrt(ss);
-      }
-    });
-  };
   if (w32)
-    inv_norms(wd.data_ptr<float>());
+    clipcid::row_inv_norms<float>(wd.data_ptr<float>(), N, D, iw);
   else
-    inv_norms(wd.data_ptr<at::BFloat16>());
+    clipcid::row_inv_norms<float>(wd.data_ptr<at::BFloat16>(), N, D, iw);
   at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
   at::Tensor dxh = need_x ? at::empty({B, D}, f32) : at::Tensor();
 

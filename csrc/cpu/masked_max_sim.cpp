@@ -31,26 +31,12 @@
 #include <vector>
 
 #include "checks.h"
+#include "row_norms.h"
 #include "tiles.h"
 
 namespace {
 
 constexpr int64_t kDefaultTile = 256;  // 256 and 512 tie at c = 8192; 1024 is 1.5x slower
-
-template <typename T>
-void inv_norms(const T* x, int64_t rows, int64_t D, float* inv) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = x + r * D;
-      double ss = 0.0;
-      for (int64_t k = 0; k < D; ++k) {
-        const double v = static_cast<double>(static_cast<float>(row[k]));
-        ss += v * v;
-      }
-      inv[r] = static_cast<float>(1.0 / std::sqrt(ss));
-    }
-  });
-}
 
 // Fold rows [0, rb) of the scratch S [rb, cb] (global row index r0 + i, scaled by inv_a) into the running
 // column max m / argmax id of columns [jbeg_i, cb). For the masked op on a diagonal block only columns with
@@ -141,8 +127,8 @@ void max_sim(const at::Tensor& a, const at::Tensor& y, bool masked, int64_t tile
   const T* ap = a.data_ptr<T>();
   const T* yp = y.data_ptr<T>();
   std::vector<float> inv_a_buf(m_rows), inv_y_buf(masked ? 0 : n);
-  inv_norms(ap, m_rows, D, inv_a_buf.data());
-  if (!masked) inv_norms(yp, n, D, inv_y_buf.data());
+  clipcid::row_inv_norms<double>(ap, m_rows, D, inv_a_buf.data());
+  if (!masked) clipcid::row_inv_norms<double>(yp, n, D, inv_y_buf.data());
   const float* inv_a = inv_a_buf.data();
   const float* inv_y = masked ? inv_a : inv_y_buf.data();
   constexpr bool widen = !std::is_same_v<T, float>;
