@@ -74,24 +74,14 @@ FULL_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (2_000, 4_000)
 
 
-def _inputs(size, D, dtype, seed, device, B):
-    """The inputs of ``workloads.cluster``, drawn in the same order (same values for every provider)."""
-    dt = workloads.to_dtype(dtype)
-    g = torch.Generator().manual_seed(seed)
-    emb = workloads._unit_rows(B, D, g, dt, device, grad=True)
-    centres = workloads._unit_rows(size, D, g, dt, device, grad=True)
-    labels = torch.randint(0, size, (B,), generator=g).to(device)
-    return emb, centres, labels
-
-
 def _provider_workload(make_forward, size, D, dtype, mode, seed, device, B, s, m2):
     """Inputs, one small warm-up step, the workload. ``make_forward(emb, centres, labels, s, m2)`` returns
     the loss closure. The warm-up (64 rows x 256 centres, forward + backward, every provider alike) pays the
     one-time costs of a fresh process (lazy imports behind torch.library ops, OpenMP/MKL pools: 60-90 MB)
     before the peak-memory baseline is taken, so the figure is the loss's own memory."""
-    small = _inputs(min(size, 256), D, dtype, seed + 1, device, min(B, 64))
+    small = workloads.cluster_inputs(min(size, 256), D, dtype, seed + 1, device, min(B, 64))
     make_forward(*small, s, m2)().backward()
-    emb, centres, labels = _inputs(size, D, dtype, seed, device, B)
+    emb, centres, labels = workloads.cluster_inputs(size, D, dtype, seed, device, B)
     forward = make_forward(emb, centres, labels, s, m2)
     return workloads.Workload(OP, mode, forward, (emb, centres), workloads.flops(OP, mode, size, D, B))
 
@@ -115,20 +105,11 @@ def fused(
     return _provider_workload(_fused_forward, size, D, dtype, mode, seed, device, B, s, m2)
 
 
-def _reference_forward(emb, centres, labels, s, m2):
-    ref = workloads._reference()
-
-    def forward():
-        return ref.cluster_discrimination_loss(emb, centres, labels, scale=s, m1=1.0, m2=m2, m3=0.0).mean()
-
-    return forward
-
-
 def reference(
     size, D=512, dtype="float32", mode="full", seed=0, device="cpu", B=1024, s=32.0, m2=0.3, **_
 ) -> workloads.Workload:
     """The eager reference (the loss of ``workloads.cluster``, same inputs), after the common warm-up."""
-    return _provider_workload(_reference_forward, size, D, dtype, mode, seed, device, B, s, m2)
+    return _provider_workload(workloads.cluster_reference_forward, size, D, dtype, mode, seed, device, B, s, m2)
 
 
 def _partialfc_forward(emb, centres, labels, s, m2):

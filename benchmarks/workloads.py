@@ -184,6 +184,28 @@ def distill_clip(
     return Workload("distill_clip", mode, forward, (s_img, s_txt, s_scale), flops("distill_clip", mode, size, D))
 
 
+def cluster_inputs(size: int, D: int, dtype: str, seed: int, device: str, B: int):
+    """``(emb [B, D], centres [size, D], labels [B])`` of the cluster workloads: unit rows that require grad,
+    labels uniform in [0, size), drawn in this order from one seeded generator (every provider of
+    ``bench_cluster.py`` gets the same values)."""
+    dt = to_dtype(dtype)
+    g = torch.Generator().manual_seed(seed)
+    emb = _unit_rows(B, D, g, dt, device, grad=True)
+    centres = _unit_rows(size, D, g, dt, device, grad=True)
+    labels = torch.randint(0, size, (B,), generator=g).to(device)
+    return emb, centres, labels
+
+
+def cluster_reference_forward(emb, centres, labels, s: float, m2: float):
+    """The eager loss of the cluster workloads: ``reference.cluster_discrimination_loss`` (ArcFace m2), mean."""
+    ref = _reference()
+
+    def forward():
+        return ref.cluster_discrimination_loss(emb, centres, labels, scale=s, m1=1.0, m2=m2, m3=0.0).mean()
+
+    return forward
+
+
 def cluster(
     size: int,
     D: int = 512,
@@ -200,16 +222,8 @@ def cluster(
 
     Embeddings and centres require grad; labels are uniform in [0, N).
     """
-    ref = _reference()
-    dt = to_dtype(dtype)
-    g = torch.Generator().manual_seed(seed)
-    emb = _unit_rows(B, D, g, dt, device, grad=True)
-    centres = _unit_rows(size, D, g, dt, device, grad=True)
-    labels = torch.randint(0, size, (B,), generator=g).to(device)
-
-    def forward():
-        return ref.cluster_discrimination_loss(emb, centres, labels, scale=s, m1=1.0, m2=m2, m3=0.0).mean()
-
+    emb, centres, labels = cluster_inputs(size, D, dtype, seed, device, B)
+    forward = cluster_reference_forward(emb, centres, labels, s, m2)
     return Workload(
         "cluster_discrimination", mode, forward, (emb, centres), flops("cluster_discrimination", mode, size, D, B)
     )
