@@ -71,7 +71,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
-from benchmarks._harness import append_rows, apply_common, common_args, device_name, load_note, plot
+from benchmarks._harness import append_rows, apply_common, common_args, device_name, load_note, plot, timed_row
 
 OP = "balance_pipeline"
 PROVIDER = "clipcid_fast"
@@ -515,6 +515,12 @@ def run_pipeline(
     }
 
 
+def _single_run(seconds: float) -> dict:
+    """A one-run timing in time_fn's form (p20 = p50 = p80, ms)."""
+    ms = seconds * 1e3
+    return {"p20": ms, "p50": ms, "p80": ms}
+
+
 def csv_rows(res: dict, device: str = "cpu") -> list[dict]:
     """One row per stage plus ``total`` (see the module docstring)."""
     rows = []
@@ -522,22 +528,19 @@ def csv_rows(res: dict, device: str = "cpu") -> list[dict]:
     ceil = f"fp32 mm ceiling {res['ceiling']:.1f} GFLOP/s (before {res['mm_before']:.1f}, after {res['mm_after']:.1f})"
     for name in STAGES:
         s = res["stages"][name]
-        ms = s["seconds"] * 1e3
         gf = s["gflops"]
         ratio = f"{s['ratio']:.0%} of mm; " if math.isfinite(gf) else ""
         rows.append(
-            dict(
-                op=OP,
-                provider=PROVIDER,
-                mode=name,
-                x_name="rows",
-                x_value=res["n"],
-                p20_ms=ms,
-                p50_ms=ms,
-                p80_ms=ms,
+            timed_row(
+                OP,
+                PROVIDER,
+                name,
+                "rows",
+                res["n"],
+                _single_run(s["seconds"]),
+                device=device,
                 peak_mb=s["peak_anon_mb"],
                 gflops=gf,
-                device=device,
                 note=(
                     f"{base}; single run; {s['rows_per_s']:.0f} rows/s; {ratio}{ceil}; "
                     f"embedding rows read {s['rows_read']} ({s['rows_read'] / res['n']:.3f} x n); "
@@ -547,17 +550,15 @@ def csv_rows(res: dict, device: str = "cpu") -> list[dict]:
         )
     removed = ", ".join(f"eps {e:g}: {f:.3f}" for e, f in res["removed"].items())
     rows.append(
-        dict(
-            op=OP,
-            provider=PROVIDER,
-            mode="total",
-            x_name="rows",
-            x_value=res["n"],
-            p20_ms=res["wall_seconds"] * 1e3,
-            p50_ms=res["wall_seconds"] * 1e3,
-            p80_ms=res["wall_seconds"] * 1e3,
-            peak_mb=res["maxrss_mb"],
+        timed_row(
+            OP,
+            PROVIDER,
+            "total",
+            "rows",
+            res["n"],
+            _single_run(res["wall_seconds"]),
             device=device,
+            peak_mb=res["maxrss_mb"],
             note=(
                 f"{base}; run_balance wall time; {res['n'] / res['wall_seconds']:.0f} rows/s; "
                 f"peak_mb = ru_maxrss (includes file pages of the memory-mapped embeddings; peak anonymous "
