@@ -1,4 +1,4 @@
-"""K3 benchmark: the whole streaming semantic-balance pipeline (``clipcid_fast.balance.run_balance``) on a
+"""K3 benchmark: the whole streaming semantic-balance pipeline (``clipcid_fast.pipeline.balance.run_balance``) on a
 synthetic clustered dataset, per stage, against the bar of issue 6.
 
     cd /work/main && .venv/bin/python benchmarks/bench_balance.py --quick --csv /tmp/bench_balance.csv  # 100k rows
@@ -358,7 +358,7 @@ class _StageTracker:
 
     @contextlib.contextmanager
     def active(self):
-        from clipcid_fast.balance import EmbeddingSource
+        from clipcid_fast.pipeline.balance import EmbeddingSource
 
         read, take = EmbeddingSource.read, EmbeddingSource.take
         tracker = self
@@ -417,7 +417,7 @@ def probe_dedup(data_path: str, c: int, *, seed: int = 0, repeats: int = 3) -> d
     from the memory map, normalise, the built-in ``max_sim_fn``, the pipeline's thread rule), on ``c``
     random rows of the dataset; the median of ``repeats`` calls after a warm-up one."""
     from benchmarks._harness import time_fn
-    from clipcid_fast import balance
+    from clipcid_fast.pipeline import balance
 
     src = balance.EmbeddingSource(data_path)
     c = min(c, src.n)
@@ -427,8 +427,8 @@ def probe_dedup(data_path: str, c: int, *, seed: int = 0, repeats: int = 3) -> d
     threads = 1 if flops < balance.SMALL_CLUSTER_FLOPS else torch.get_num_threads()
 
     def run():
-        x, _ = balance._normalize(src.take(rows))
-        with balance._threads(threads):
+        x, _ = balance.normalize_rows(src.take(rows))
+        with balance.intra_op_threads(threads):
             return max_sim_fn(torch.from_numpy(x))
 
     t = time_fn(run, warmup=1, repeats=repeats, device="cpu")
@@ -451,7 +451,7 @@ def run_pipeline(
     """Run ``run_balance`` on ``data_path`` into a fresh ``out_dir``, with the mm ceiling before and after;
     returns the per-stage figures (see the module docstring)."""
     from benchmarks.bench_mm_ceiling import measure_mm_gflops
-    from clipcid_fast import balance
+    from clipcid_fast.pipeline import balance
 
     out = Path(out_dir)
     _fresh_dir(out)

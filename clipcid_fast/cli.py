@@ -5,9 +5,9 @@
           a synthetic teacher/student pair of CLIP embeddings with 8 semantic clusters, near
           duplicates planted (the trainer replaces this once it lands).
 ``balance``  streaming semantic balance (SemDeDup keep rule, or CLIP-CID's union-find variant) of
-          embeddings in .npy files, resumable, under torchrun too (see clipcid_fast/balance.py).
+          embeddings in .npy files, resumable, under torchrun too (see clipcid_fast/pipeline/balance/).
 ``cluster``  k-means of the kept embeddings into N pseudo-classes (centroids, labels, top-k centres)
-          for the cluster-discrimination loss (format in clipcid_fast/balance.py).
+          for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _add_balance_parsers(sub) -> None:
 
 
 def _run_balance_cmd(args) -> None:
-    from . import balance
+    from .pipeline import balance
 
     t0 = time.perf_counter()
     fns = {}
@@ -165,7 +165,7 @@ def _run_balance_cmd(args) -> None:
 
 
 def _run_cluster_cmd(args) -> None:
-    from . import balance
+    from .pipeline import balance
 
     meta = balance.run_cluster(
         args.embeddings,

@@ -1,4 +1,4 @@
-"""K3 semantic balance pipeline (clipcid_fast.balance): the keep rule against the reference and a dense
+"""K3 semantic balance pipeline (clipcid_fast.pipeline.balance): the keep rule against the reference and a dense
 numpy formulation, union-find against brute-force connected components, batch-size / kill-resume /
 two-process invariance (byte for byte), bad inputs, the ``cluster`` command, and real Fashion-MNIST."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipcid_fast import balance, reference
+from clipcid_fast import reference
 from clipcid_fast.cli import main as cli_main
+from clipcid_fast.pipeline import balance
 
 EPS = [0.001, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0, 1.5, 1.99]
 DELTAS = [0.05, 0.2, 0.5, 1.0]
@@ -326,7 +327,8 @@ def test_kill_and_resume_is_byte_identical_and_redoes_at_most_one_batch(tmp_path
 
 _KILL_SCRIPT = """
 import sys, time
-from clipcid_fast import balance, reference
+from clipcid_fast import reference
+from clipcid_fast.pipeline import balance
 
 def slow_max_sim(x):
     time.sleep(0.15)
@@ -376,7 +378,7 @@ def _dist_worker(rank, world, init_file, emb, out_semdedup, out_uf):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch.distributed as dist
 
-    from clipcid_fast import balance
+    from clipcid_fast.pipeline import balance
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     kw = {"k": 9, "niter": 8, "progress": False, "batch_clusters": 2, "assign_block_rows": 150, "invalid": "remove"}

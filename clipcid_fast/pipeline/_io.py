@@ -1,0 +1,61 @@
+"""Atomic file writes shared by the pipeline stages.
+
+Every output is written to a temporary name beside its final path, flushed to disk, then moved into place
+with ``os.replace``, so a reader (or a resumed run) sees either the whole old file or the whole new one,
+never a torn write. A killed writer leaves only ``*.tmp-*`` files behind; ``clean_tmp`` removes them when
+the stage starts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import uuid
+
+import numpy as np
+
+
+def tmp_name(path: str) -> str:
+    """A temporary name beside ``path``, unique per process and call (ranks may share a directory)."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A binary file to write ``path``'s new content into; it replaces ``path`` only once fully on disk."""
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_bytes(path: str, data: bytes) -> None:
+    with _replacing(path) as f:
+        f.write(data)
+
+
+def atomic_npy(path: str, arr: np.ndarray) -> None:
+    with _replacing(path) as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def atomic_npz(path: str, **arrays) -> None:
+    with _replacing(path) as f:
+        np.savez(f, **arrays)
+
+
+def atomic_json(path: str, obj) -> None:
+    """``obj`` as indented JSON with sorted keys, so equal objects give equal bytes."""
+    atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def clean_tmp(*dirs: str) -> None:
+    """Remove the temporary files a killed writer left in ``dirs``."""
+    for d in dirs:
+        for f in glob.glob(os.path.join(d, "*.tmp-*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
