@@ -1,0 +1,116 @@
+"""Export a Fashion-MNIST corpus as PNG files + an open_clip CSV and as webdataset tar shards.
+
+Layout under ``out_dir`` (``{corpus}`` is teacher / student / test, ``{split}`` train / test):
+
+- ``images/{split}/{id:05d}.png``, one per sample (an image depends only on split and id, so corpora share them);
+- ``{corpus}.csv``: tab-separated, columns ``filepath`` (relative to the CSV), ``title``, ``id``, ``label``;
+- ``{corpus}-wds/{corpus}-{k:05d}.tar``: members ``{id:05d}.png``, ``.txt`` (caption), ``.json``
+  (``id``, ``label``, ``caption_label``);
+- ``{corpus}.json``: what was written and the corpus' regime (counts of samples and of wrong captions).
+
+Every file is written under a temporary name and renamed into place, so a killed export leaves either the old
+file, the new one, or an obviously temporary ``*.tmp-<pid>`` file, never a valid-looking half file; the CSV and
+the manifest are written after the images and shards they point to. Shards carry a fixed mtime, so a rerun
+writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import pandas as pd
+import webdataset as wds
+
+from .fashion_mnist import FashionMnistCorpus
+
+FORMATS = ("csv", "wds")
+
+
+def _atomic_write(path: str, data: bytes, *, durable: bool = False) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, limit: int | None = None) -> dict:
+    """Write the corpus ``cfg`` (a ``DataConfig`` with dataset fashion-mnist) to ``out_dir``; returns the manifest.
+
+    ``formats``: any of "csv", "wds"; ``shard_size``: samples per tar shard; ``limit``: only the first ``limit``
+    samples in ascending id order (all if None). The manifest holds ``csv`` (the CSV path) and ``wds`` (the
+    brace pattern of the shards) for the formats written, ready to be used as ``train_data``.
+    """
+    if cfg.dataset != "fashion-mnist":
+        raise ValueError(f"export_corpus exports the fashion-mnist corpora; dataset is {cfg.dataset!r}")
+    formats = tuple(formats)
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ValueError(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(formats)!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+
+    corpus = FashionMnistCorpus(cfg)
+    n = len(corpus) if limit is None else min(limit, len(corpus))
+    name = corpus.corpus
+    os.makedirs(out_dir, exist_ok=True)
+    keys = [f"{int(corpus.ids[i]):05d}" for i in range(n)]
+    pngs = [_png_bytes(corpus.image(i)) for i in range(n)]
+    captions = [corpus.caption(i) for i in range(n)]
+    manifest = {
+        **corpus.summary(),
+        "num_samples": n,
+        "num_wrong_captions": int((corpus.caption_labels[:n] != corpus.labels[:n]).sum()),
+        "formats": list(formats),
+    }
+
+    if "csv" in formats:
+        image_dir = os.path.join("images", corpus.split)
+        os.makedirs(os.path.join(out_dir, image_dir), exist_ok=True)
+        filepaths = [f"{image_dir}/{key}.png" for key in keys]
+        for rel, png in zip(filepaths, pngs):
+            _atomic_write(os.path.join(out_dir, rel), png)
+        table = pd.DataFrame(
+            {"filepath": filepaths, "title": captions, "id": corpus.ids[:n], "label": corpus.labels[:n]}
+        )
+        csv_path = os.path.join(out_dir, f"{name}.csv")
+        _atomic_write(csv_path, table.to_csv(sep="\t", index=False).encode(), durable=True)
+        manifest["csv"] = csv_path
+
+    if "wds" in formats:
+        shard_dir = os.path.join(out_dir, f"{name}-wds")
+        os.makedirs(shard_dir, exist_ok=True)
+        num_shards = (n + shard_size - 1) // shard_size
+        for k in range(num_shards):
+            buf = io.BytesIO()
+            with wds.TarWriter(buf, encoder=False, mtime=0) as tar:
+                for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
+                    meta = {"id": int(corpus.ids[i]), "label": int(corpus.labels[i]),
+                            "caption_label": int(corpus.caption_labels[i])}  # fmt: skip
+                    tar.write({"__key__": keys[i], "png": pngs[i], "txt": captions[i].encode(),
+                               "json": json.dumps(meta).encode()})  # fmt: skip
+            _atomic_write(os.path.join(shard_dir, f"{name}-{k:05d}.tar"), buf.getvalue(), durable=True)
+        # Shards past the new count, left by an earlier and larger export, would be read by a glob: remove them.
+        for entry in os.listdir(shard_dir):
+            match = re.fullmatch(rf"{re.escape(name)}-(\d{{5}})\.tar", entry)
+            if match and int(match.group(1)) >= num_shards:
+                os.remove(os.path.join(shard_dir, entry))
+        manifest["wds"] = os.path.join(shard_dir, f"{name}-{{00000..{num_shards - 1:05d}}}.tar")
+        manifest["num_shards"] = num_shards
+
+    manifest_path = os.path.join(out_dir, f"{name}.json")
+    manifest["manifest"] = manifest_path
+    _atomic_write(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), durable=True)
+    return manifest
