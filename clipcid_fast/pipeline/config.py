@@ -1,0 +1,230 @@
+"""Typed configuration of the pipeline stages: dataclasses, filled from defaults ← a YAML file ← flags.
+
+Every stage's configuration is a dataclass here (nested dataclasses for the shared parts: data, models).
+OmegaConf does the typed merge and the YAML round trip; the flags are generated from the fields, one
+``--field-name`` per leaf (nested leaves are flattened: ``--csv-img-key`` sets ``data.csv_img_key``),
+so a YAML file and the command line spell the same settings. The resolved configuration is written beside
+every output (``write_config``), and a later stage that reads those outputs compares the parts that must
+match.
+
+Precedence: the dataclass defaults, then ``--config FILE.yaml`` (a mapping with the same nesting), then the
+flags given on the command line. Unknown keys in the YAML and wrong types (``--batch-size abc``) are a
+``ValueError`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+C = TypeVar("C")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where image-caption pairs come from (shared by embed, eval, train)."""
+
+    dataset: str = dataclasses.field(
+        default="fashion-mnist",
+        metadata=_help("fashion-mnist (the offline default), csv (open_clip CSV) or wds (webdataset shards)"),
+    )
+    train_data: Optional[str] = dataclasses.field(  # noqa: UP045 (OmegaConf reads typing.Optional)
+        default=None, metadata=_help("csv: the CSV file; wds: shard pattern, brace-expanded (a/{000..009}.tar)")
+    )
+    csv_separator: str = dataclasses.field(
+        default="\t", metadata=_help("CSV separator (open_clip_train's default: tab)")
+    )
+    csv_img_key: str = dataclasses.field(default="filepath", metadata=_help("CSV column of image paths"))
+    csv_caption_key: str = dataclasses.field(default="title", metadata=_help("CSV column of captions"))
+    corpus: str = dataclasses.field(
+        default="student",
+        metadata=_help(
+            "fashion-mnist: teacher (the clean 60k train split), student (a subset with noisy captions) "
+            "or test (the held-out 10k test split, clean captions)"
+        ),
+    )
+    student_samples: int = dataclasses.field(
+        default=10000, metadata=_help("fashion-mnist: images in the student's corpus (a seeded subset of train)")
+    )
+    caption_noise: float = dataclasses.field(
+        default=0.4,
+        metadata=_help("fashion-mnist: fraction of the student corpus' captions naming another, random class"),
+    )
+    data_seed: int = dataclasses.field(default=0, metadata=_help("seed of the subset, the noise and the templates"))
+    fashion_mnist_dir: str = dataclasses.field(
+        default="/usr/share/datasets/fashion-mnist", metadata=_help("Debian package dataset-fashion-mnist")
+    )
+    skip_bad: bool = dataclasses.field(
+        default=False, metadata=_help("skip (and count) unreadable samples instead of stopping at the first")
+    )
+    workers: int = dataclasses.field(default=0, metadata=_help("DataLoader worker processes"))
+    wds_shuffle_buffer: int = dataclasses.field(
+        default=1000, metadata=_help("wds: samples in the seeded shuffle buffer (used when a shuffle seed is given)")
+    )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which teacher and student: the offline defaults, or any open_clip config name / JSON + local weights."""
+
+    teacher: str = dataclasses.field(
+        default="default", metadata=_help("default (offline LiT teacher), an open_clip config name, or a JSON file")
+    )
+    teacher_weights: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("local checkpoint of the teacher (state_dict or open_clip_train checkpoint)")
+    )
+    student: str = dataclasses.field(
+        default="default", metadata=_help("default (small offline student), an open_clip config name, or a JSON")
+    )
+    student_weights: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("local checkpoint of the student")
+    )
+    cache_dir: str = dataclasses.field(
+        default=os.environ.get("CLIPCID_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "clipcid_fast")),
+        metadata=_help("where the default teacher's trained image tower is cached (env CLIPCID_CACHE)"),
+    )
+    context_length: int = dataclasses.field(
+        default=32, metadata=_help("token context of the default towers (captions here are short)")
+    )
+    teacher_epochs: int = dataclasses.field(default=3, metadata=_help("default teacher: epochs over its corpus"))
+    teacher_batch_size: int = dataclasses.field(default=256, metadata=_help("default teacher: batch size"))
+    teacher_lr: float = dataclasses.field(default=2e-3, metadata=_help("default teacher: AdamW learning rate"))
+    teacher_seed: int = dataclasses.field(default=0, metadata=_help("default teacher: training seed"))
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    out_dir: str = dataclasses.field(default="runs/embed", metadata=_help("output directory (rerun to resume)"))
+    model: str = dataclasses.field(default="teacher", metadata=_help("which model embeds: teacher or student"))
+    batch_size: int = dataclasses.field(default=512, metadata=_help("images per forward"))
+    shard_rows: int = dataclasses.field(default=8192, metadata=_help("rows per .npy shard (the unit of resume)"))
+    progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    out: str = dataclasses.field(default="runs/eval.json", metadata=_help("JSON report"))
+    model: str = dataclasses.field(
+        default="teacher", metadata=_help("teacher, student, or a checkpoint written by clipcid-fast train")
+    )
+    tasks: str = dataclasses.field(
+        default="zeroshot,retrieval,linear_probe", metadata=_help("comma-separated: zeroshot, retrieval, linear_probe")
+    )
+    batch_size: int = dataclasses.field(default=512, metadata=_help("images per forward"))
+    probe_train_samples: int = dataclasses.field(
+        default=10000, metadata=_help("linear probe: training images (a seeded subset of the train split)")
+    )
+    probe_c: float = dataclasses.field(default=1.0, metadata=_help("linear probe: inverse L2 strength (sklearn C)"))
+    block: int = dataclasses.field(default=4096, metadata=_help("rows per similarity block in retrieval"))
+    progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(corpus="test"))
+    models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flags <-> dataclass
+
+
+def _leaves(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaves(tp, (*prefix, f.name))
+        else:
+            out.append(((*prefix, f.name), f, tp))
+    return out
+
+
+def _scalar_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--leaf-name`` flag per leaf of ``cls`` (and of its nested dataclasses); none has a default, so
+    the parsed namespace holds only what was given, which ``config_from_args`` lays over the YAML."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="settings in YAML (flags given here override it)")
+    seen: dict[str, tuple[str, ...]] = {}
+    for path, f, tp in _leaves(cls):
+        name = path[-1]
+        if name in skip:
+            continue
+        if name in seen:
+            raise TypeError(f"config leaf {name!r} appears twice ({seen[name]} and {path}): flags would collide")
+        seen[name] = path
+        flag = "--" + name.replace("_", "-")
+        kind = _scalar_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if default is not None and default != "":
+            help_text += f" (default {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS, help=help_text)
+
+
+def _flag_overrides(cls, args: argparse.Namespace) -> dict:
+    given = vars(args)
+    tree: dict = {}
+    for path, _f, _tp in _leaves(cls):
+        if path[-1] in given:
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = given[path[-1]]
+    return tree
+
+
+def build_config(cls: type[C], yaml_path: str | None = None, overrides: dict | None = None) -> C:
+    """defaults ← YAML ← overrides (a nested dict of strings or values), type-checked by OmegaConf."""
+    try:
+        cfg = OmegaConf.structured(cls)
+        if yaml_path:
+            if not os.path.isfile(yaml_path):
+                raise ValueError(f"--config: no such file {yaml_path!r}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"config key {key!r}: {msg}") from None
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return build_config(cls, getattr(args, "config", None), _flag_overrides(cls, args))
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def write_config(cfg, out_dir: str, name: str = "config.yaml") -> str:
+    """The resolved configuration beside a stage's outputs (atomic)."""
+    from ._io import atomic_bytes
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    atomic_bytes(path, to_yaml(cfg).encode())
+    return path
