@@ -1,13 +1,18 @@
 """The ``clipcid-fast`` command (also ``python -m clipcid_fast``).
 
-``info``  which backends this process uses, and how the extension was built.
-``demo``  every reference loss, and the fused ops built so far against it, on a built-in example:
-          a synthetic teacher/student pair of CLIP embeddings with 8 semantic clusters, near
-          duplicates planted (the trainer replaces this once it lands).
+The pipeline a user runs, one stage a command (each reads the previous stage's files; every stage takes
+``--config FILE.yaml`` and writes its resolved config beside its outputs):
+
+``export-data``  write a corpus out as PNG + open_clip CSV and as webdataset shards.
+``embed``  the frozen teacher encodes a dataset into memory-mapped fp16 shards (resumable).
 ``balance``  streaming semantic balance (SemDeDup keep rule, or CLIP-CID's union-find variant) of
           embeddings in .npy files, resumable, under torchrun too (see clipcid_fast/pipeline/balance/).
 ``cluster``  k-means of the kept embeddings into N pseudo-classes (centroids, labels, top-k centres)
           for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
+``eval``  zero-shot, retrieval and linear probe of a teacher, a student or a checkpoint.
+
+``info``  which backends this process uses, and how the extension was built.
+``losses``  every reference loss and fused op on a built-in synthetic example.
 """
 
 from __future__ import annotations
@@ -69,117 +74,152 @@ def demo(batch: int = 256, dim: int = 64, seed: int = 0) -> dict[str, float]:
     return out
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+def _stage_parser(sub, name: str, cfg_cls, help_text: str, description: str):
+    from .pipeline import config
+
+    p = sub.add_parser(name, help=help_text, description=description)
+    config.add_config_flags(p, cfg_cls)
+    p.set_defaults(cfg_cls=cfg_cls)
+    return p
 
 
-def _add_balance_parsers(sub) -> None:
-    b = sub.add_parser(
-        "balance",
-        help="streaming semantic dedup (SemDeDup / union-find) of .npy embeddings",
-        description="k-means, assignment, per-cluster keep rule; resumable; splits clusters over torchrun ranks.",
-    )
-    b.add_argument("embeddings", help=".npy [n, D] (fp16/fp32) or a directory of .npy shards")
-    b.add_argument("out_dir", help="output directory (rerun the same command in it to resume)")
-    b.add_argument("--ids", help=".npy of n int64 ids (default: row numbers)")
-    b.add_argument("--k", type=int, default=1024, help="k-means clusters (default 1024)")
-    b.add_argument("--niter", type=int, default=20)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--max-points-per-centroid", type=int, default=256, help="k-means sample = k × this (faiss's)")
-    b.add_argument("--method", choices=["semdedup", "unionfind"], default="semdedup")
-    b.add_argument(
-        "--eps", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2], help="semdedup eps list, e.g. 0.01,0.05"
-    )
-    b.add_argument("--delta", type=_floats, default=[0.2, 0.3, 0.4, 0.5], help="unionfind distance thresholds")
-    b.add_argument("--keep", choices=["hard", "easy", "random"], default="hard", help="SemDeDup order in a cluster")
-    b.add_argument("--batch-clusters", type=int, default=64, help="clusters per checkpointed batch")
-    b.add_argument("--chunk-rows", type=int, default=65536, help="rows read per chunk")
-    b.add_argument("--tile", type=int, default=1024, help="unionfind tile rows")
-    b.add_argument("--invalid", choices=["error", "remove"], default="error", help="NaN/inf/zero rows")
-    b.add_argument("--centroids", help="use these [k, D] centroids (.npy) instead of k-means")
-    b.add_argument(
-        "--ops",
-        choices=["auto", "reference"],
-        default="auto",
-        help="per-chunk/per-cluster functions: the fused op when it imports (auto) or the reference",
-    )
-    b.add_argument("--no-plot", action="store_true")
-    b.add_argument("--no-progress", action="store_true")
+def _run_export(cfg) -> None:
+    from .pipeline import config, data
 
-    c = sub.add_parser(
-        "cluster",
-        help="k-means of kept embeddings into N pseudo-classes",
-        description="Writes centroids.npy [N, D] float32 (L2-normalised), labels.npy [n] int64 (-1 = not kept), "
-        "optionally topk.npy / topk_sim.npy [n, k], and cluster.json.",
-    )
-    c.add_argument("embeddings", help=".npy [n, D] or a directory of .npy shards")
-    c.add_argument("out_dir")
-    c.add_argument("--n-classes", type=int, required=True)
-    c.add_argument("--keep", help="bool mask [n] (.npy), e.g. balance's keep_eps0.05.npy; default all rows")
-    c.add_argument("--topk", type=int, default=0, help="also write the k nearest centres per row")
-    c.add_argument("--niter", type=int, default=20)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--max-points-per-centroid", type=int, default=256)
-    c.add_argument("--chunk-rows", type=int, default=65536)
-    c.add_argument("--invalid", choices=["error", "remove"], default="error")
+    t0 = time.perf_counter()
+    formats = tuple(f.strip() for f in cfg.formats.split(",") if f.strip())
+    manifest = data.export_corpus(cfg.data, cfg.out_dir, formats=formats, shard_size=cfg.shard_size, limit=cfg.limit)
+    config.write_config(cfg, cfg.out_dir, "export_config.yaml")
+    wrong = manifest.get("num_wrong_captions")
+    print(f"exported {manifest.get('num_samples')} samples ({wrong} captions naming another class) to {cfg.out_dir}:")
+    for key in ("csv", "wds"):
+        if key in manifest:
+            print(f"  {key}: {manifest[key]}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
-def _run_balance_cmd(args) -> None:
-    from .pipeline import balance
+def _run_embed(cfg) -> None:
+    from .pipeline import embed
+
+    embed.run_embed(cfg)
+
+
+def _run_eval(cfg) -> None:
+    from .pipeline import evaluate
+
+    evaluate.run_eval(cfg)
+
+
+def _run_balance(cfg) -> None:
+    from .pipeline import balance, config
 
     t0 = time.perf_counter()
     fns = {}
-    if args.ops == "reference":
+    if cfg.ops == "reference":
         fns = {"assign_fn": reference.nearest_centroid, "max_sim_fn": reference.masked_max_similarity}
+    elif cfg.ops != "auto":
+        raise ValueError(f"ops must be auto or reference, got {cfg.ops!r}")
     summary = balance.run_balance(
-        args.embeddings,
-        args.out_dir,
-        ids=args.ids,
-        k=args.k,
-        niter=args.niter,
-        seed=args.seed,
-        max_points_per_centroid=args.max_points_per_centroid,
-        method=args.method,
-        eps=args.eps,
-        delta=args.delta,
-        keep=args.keep,
-        batch_clusters=args.batch_clusters,
-        chunk_rows=args.chunk_rows,
-        tile=args.tile,
-        invalid=args.invalid,
-        centroids=args.centroids,
-        progress=not args.no_progress,
-        plot=not args.no_plot,
+        cfg.embeddings,
+        cfg.out_dir,
+        ids=cfg.ids,
+        k=cfg.k,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        method=cfg.method,
+        eps=cfg.eps,
+        delta=cfg.delta,
+        keep=cfg.keep,
+        batch_clusters=cfg.batch_clusters,
+        chunk_rows=cfg.chunk_rows,
+        tile=cfg.tile,
+        invalid=cfg.invalid,
+        centroids=cfg.centroids,
+        progress=cfg.progress,
+        plot=cfg.plot,
         **fns,
     )
     if summary:  # rank 0
+        config.write_config(cfg, cfg.out_dir, "balance_config.yaml")
         print(f"\n{summary['method']} of {summary['n_rows']} rows (D={summary['dim']}, k={summary['k']}), "
               f"{summary['n_invalid']} invalid")  # fmt: skip
         for r in summary["thresholds"]:
             kind = summary["threshold_kind"]
             print(f"  {kind}={r[kind]:<8g} kept {r['kept']:>12d}   removed fraction {r['removed_fraction']:.4f}")
-        print(f"outputs in {args.out_dir} (summary.json, timings.json); done in {time.perf_counter() - t0:.1f} s")
+        print(f"outputs in {cfg.out_dir} (summary.json, timings.json); done in {time.perf_counter() - t0:.1f} s")
 
 
-def _run_cluster_cmd(args) -> None:
-    from .pipeline import balance
+def _run_cluster(cfg) -> None:
+    from .pipeline import balance, config
 
+    if cfg.n_classes < 1:
+        raise ValueError(f"--n-classes must be >= 1, got {cfg.n_classes}")
     meta = balance.run_cluster(
-        args.embeddings,
-        args.out_dir,
-        args.n_classes,
-        keep=args.keep,
-        topk=args.topk,
-        niter=args.niter,
-        seed=args.seed,
-        max_points_per_centroid=args.max_points_per_centroid,
-        chunk_rows=args.chunk_rows,
-        invalid=args.invalid,
+        cfg.embeddings,
+        cfg.out_dir,
+        cfg.n_classes,
+        keep=cfg.keep,
+        topk=cfg.topk,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        chunk_rows=cfg.chunk_rows,
+        invalid=cfg.invalid,
     )
-    print(f"\n{meta['n_labelled']} rows into {meta['n_classes']} pseudo-classes; outputs in {args.out_dir}")
+    config.write_config(cfg, cfg.out_dir, "cluster_config.yaml")
+    print(f"\n{meta['n_labelled']} rows into {meta['n_classes']} pseudo-classes; outputs in {cfg.out_dir}")
+
+
+STAGES = {
+    "export-data": _run_export,
+    "embed": _run_embed,
+    "balance": _run_balance,
+    "cluster": _run_cluster,
+    "eval": _run_eval,
+}
+
+
+STAGE_HELP = {
+    "export-data": (
+        "write a corpus as PNG + CSV and webdataset shards",
+        "Writes the Fashion-MNIST teacher / student / test corpus as PNG files + an open_clip CSV and as "
+        "webdataset tar shards, so the CSV and webdataset loaders run on real images.",
+    ),
+    "embed": (
+        "teacher features -> memory-mapped fp16 .npy shards",
+        "The frozen model encodes a dataset's images and captions into out_dir/{image,text,ids,labels}/*.npy "
+        "(the input of balance, cluster and train) + embed.json; resumable shard by shard.",
+    ),
+    "balance": (
+        "streaming semantic dedup (SemDeDup / union-find) of .npy embeddings",
+        "k-means, assignment, per-cluster keep rule; resumable; splits clusters over torchrun ranks.",
+    ),
+    "cluster": (
+        "k-means of kept embeddings into N pseudo-classes",
+        "Writes centroids.npy [N, D] float32 (L2-normalised), labels.npy [n] int64 (-1 = not kept), "
+        "optionally topk.npy / topk_sim.npy [n, k], and cluster.json.",
+    ),
+    "eval": (
+        "zero-shot, retrieval, linear probe of a model",
+        "Evaluates the teacher, the student or a clipcid-fast train checkpoint on the held-out split: "
+        "zero-shot top-1/top-5 and mean per-class recall, image<->text R@1/5/10, linear probe.",
+    ),
+}
+
+
+def _add_stage_parsers(sub) -> None:
+    from .pipeline import config
+
+    classes = {
+        "export-data": config.ExportConfig,
+        "embed": config.EmbedConfig,
+        "balance": config.BalanceConfig,
+        "cluster": config.ClusterConfig,
+        "eval": config.EvalConfig,
+    }
+    for name, (help_text, description) in STAGE_HELP.items():
+        _stage_parser(sub, name, classes[name], help_text, description)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="which backend runs where")
-    p_demo = sub.add_parser("demo", help="reference losses on the built-in example")
-    p_demo.add_argument("--batch", type=int, default=256)
-    p_demo.add_argument("--dim", type=int, default=64)
-    p_demo.add_argument("--seed", type=int, default=0)
-    _add_balance_parsers(sub)
+    _add_stage_parsers(sub)
+    for name in ("losses", "demo"):
+        p_demo = sub.add_parser(name, help="reference losses and fused ops on a built-in synthetic example")
+        p_demo.add_argument("--batch", type=int, default=256)
+        p_demo.add_argument("--dim", type=int, default=64)
+        p_demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(_backend.summary())
-    if args.cmd == "demo":
+    if args.cmd in ("losses", "demo"):
         if args.batch < 2 or args.dim < 1:
             parser.error(f"--batch must be >= 2 and --dim >= 1, got {args.batch} and {args.dim}")
         t0 = time.perf_counter()
@@ -205,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in results.items():
             print(f"  {name:<{width}}  {value:.6f}")
         print(f"done in {time.perf_counter() - t0:.2f} s")
-    elif args.cmd in ("balance", "cluster"):
+    elif args.cmd in STAGES:
+        from .pipeline import config
+
         try:
-            (_run_balance_cmd if args.cmd == "balance" else _run_cluster_cmd)(args)
+            cfg = config.config_from_args(args.cfg_cls, args)
+            STAGES[args.cmd](cfg)
         except ValueError as e:
             parser.error(str(e))
     return 0

@@ -30,6 +30,10 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+# a required path given as a positional argument (OmegaConf's "???" marks a mandatory value)
+MISSING_PATH = "???"
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where image-caption pairs come from (shared by embed, eval, train)."""
@@ -94,7 +98,7 @@ class ModelConfig:
         metadata=_help("where the default teacher's trained image tower is cached (env CLIPCID_CACHE)"),
     )
     context_length: int = dataclasses.field(
-        default=32, metadata=_help("token context of the default towers (captions here are short)")
+        default=16, metadata=_help("token context of the default towers (the longest default caption is 13 tokens)")
     )
     teacher_epochs: int = dataclasses.field(default=3, metadata=_help("default teacher: epochs over its corpus"))
     teacher_batch_size: int = dataclasses.field(default=256, metadata=_help("default teacher: batch size"))
@@ -133,6 +137,80 @@ class EvalConfig:
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
 
+@dataclasses.dataclass
+class ExportConfig:
+    out_dir: str = dataclasses.field(default="runs/export", metadata=_help("output directory"))
+    formats: str = dataclasses.field(default="csv,wds", metadata=_help("comma-separated: csv (PNG + CSV), wds"))
+    shard_size: int = dataclasses.field(default=1000, metadata=_help("samples per webdataset shard"))
+    limit: Optional[int] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("only the first N samples (ascending id)")
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+def _positional(text: str) -> dict:
+    return {"help": text, "positional": True}
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    """``clipcid-fast balance`` (arguments of ``pipeline.balance.run_balance``)."""
+
+    embeddings: str = dataclasses.field(
+        default=MISSING_PATH, metadata=_positional(".npy [n, D] (fp16/fp32) or a directory of .npy shards")
+    )
+    out_dir: str = dataclasses.field(
+        default=MISSING_PATH, metadata=_positional("output directory (rerun the same command in it to resume)")
+    )
+    ids: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help(".npy of n int64 ids, or a directory of shards (default: row numbers)")
+    )
+    k: int = dataclasses.field(default=1024, metadata=_help("k-means clusters"))
+    niter: int = dataclasses.field(default=20, metadata=_help("k-means iterations"))
+    seed: int = dataclasses.field(default=0, metadata=_help("k-means / ordering seed"))
+    max_points_per_centroid: int = dataclasses.field(default=256, metadata=_help("k-means sample = k × this"))
+    method: str = dataclasses.field(default="semdedup", metadata=_help("semdedup or unionfind"))
+    eps: list[float] = dataclasses.field(
+        default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2], metadata=_help("semdedup eps list, e.g. 0.01,0.05")
+    )
+    delta: list[float] = dataclasses.field(
+        default_factory=lambda: [0.2, 0.3, 0.4, 0.5], metadata=_help("unionfind distance thresholds")
+    )
+    keep: str = dataclasses.field(default="hard", metadata=_help("SemDeDup order in a cluster: hard, easy, random"))
+    batch_clusters: int = dataclasses.field(default=64, metadata=_help("clusters per checkpointed batch"))
+    chunk_rows: int = dataclasses.field(default=65536, metadata=_help("rows read per chunk"))
+    tile: int = dataclasses.field(default=1024, metadata=_help("unionfind tile rows"))
+    invalid: str = dataclasses.field(default="error", metadata=_help("NaN/inf/zero rows: error or remove"))
+    centroids: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("use these [k, D] centroids (.npy) instead of k-means")
+    )
+    ops: str = dataclasses.field(
+        default="auto", metadata=_help("per-chunk/per-cluster functions: auto (the fused op) or reference")
+    )
+    plot: bool = dataclasses.field(default=True, metadata=_help("write the removed-fraction plot"))
+    progress: bool = dataclasses.field(default=True, metadata=_help("progress bars"))
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    """``clipcid-fast cluster`` (arguments of ``pipeline.balance.run_cluster``)."""
+
+    embeddings: str = dataclasses.field(
+        default=MISSING_PATH, metadata=_positional(".npy [n, D] or a directory of .npy shards")
+    )
+    out_dir: str = dataclasses.field(default=MISSING_PATH, metadata=_positional("output directory"))
+    n_classes: int = dataclasses.field(default=0, metadata=_help("pseudo-classes N (required)"))
+    keep: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("bool mask [n] (.npy), e.g. balance's keep_eps0.05.npy; default all rows")
+    )
+    topk: int = dataclasses.field(default=0, metadata=_help("also write the k nearest centres per row"))
+    niter: int = dataclasses.field(default=20, metadata=_help("k-means iterations"))
+    seed: int = dataclasses.field(default=0, metadata=_help("k-means seed"))
+    max_points_per_centroid: int = dataclasses.field(default=256, metadata=_help("k-means sample = N × this"))
+    chunk_rows: int = dataclasses.field(default=65536, metadata=_help("rows read per chunk"))
+    invalid: str = dataclasses.field(default="error", metadata=_help("NaN/inf/zero rows: error or remove"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags <-> dataclass
 
@@ -168,15 +246,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, .
         seen[name] = path
         flag = "--" + name.replace("_", "-")
         kind = _scalar_type(tp)
+        if f.metadata.get("positional"):
+            parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
         if default is not None and default != "":
             help_text += f" (default {default!r})"
-        if kind is bool:
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=name, type=_comma_list, default=argparse.SUPPRESS, help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)  # fmt: skip
         else:
             parser.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS, help=help_text)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _flag_overrides(cls, args: argparse.Namespace) -> dict:
