@@ -9,6 +9,7 @@ The pipeline a user runs, one stage a command (each reads the previous stage's f
           embeddings in .npy files, resumable, under torchrun too (see clipcid_fast/pipeline/balance/).
 ``cluster``  k-means of the kept embeddings into N pseudo-classes (centroids, labels, top-k centres)
           for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
+``train``  distil the teacher into the student (recipes cid, rd, kd, distill, baseline), exact resume.
 ``eval``  zero-shot, retrieval and linear probe of a teacher, a student or a checkpoint.
 
 ``info``  which backends this process uses, and how the extension was built.
@@ -104,6 +105,12 @@ def _run_embed(cfg) -> None:
     embed.run_embed(cfg)
 
 
+def _run_train(cfg) -> None:
+    from .pipeline import train
+
+    train.run_train(cfg)
+
+
 def _run_eval(cfg) -> None:
     from .pipeline import evaluate
 
@@ -176,6 +183,7 @@ STAGES = {
     "embed": _run_embed,
     "balance": _run_balance,
     "cluster": _run_cluster,
+    "train": _run_train,
     "eval": _run_eval,
 }
 
@@ -200,6 +208,11 @@ STAGE_HELP = {
         "Writes centroids.npy [N, D] float32 (L2-normalised), labels.npy [n] int64 (-1 = not kept), "
         "optionally topk.npy / topk_sim.npy [n, k], and cluster.json.",
     ),
+    "train": (
+        "distil the teacher into the student: recipes cid, rd, kd, distill, baseline",
+        "Trains the student with a recipe (CLIP-CID, CLIP-RD, CLIP-KD, open_clip distillation, or the student's "
+        "CLIP loss alone), teacher features from the embed cache; checkpoints resume bit for bit (--resume).",
+    ),
     "eval": (
         "zero-shot, retrieval, linear probe of a model",
         "Evaluates the teacher, the student or a clipcid-fast train checkpoint on the held-out split: "
@@ -216,6 +229,7 @@ def _add_stage_parsers(sub) -> None:
         "embed": config.EmbedConfig,
         "balance": config.BalanceConfig,
         "cluster": config.ClusterConfig,
+        "train": config.TrainConfig,
         "eval": config.EvalConfig,
     }
     for name, (help_text, description) in STAGE_HELP.items():

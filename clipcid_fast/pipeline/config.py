@@ -211,6 +211,72 @@ class ClusterConfig:
     invalid: str = dataclasses.field(default="error", metadata=_help("NaN/inf/zero rows: error or remove"))
 
 
+RECIPES = ("cid", "rd", "kd", "distill", "baseline")
+
+
+@dataclasses.dataclass
+class RecipeWeights:
+    """Loss weights and temperatures; defaults are the published values (``shared/seeds-math.md``)."""
+
+    # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
+    crd_weight: float = dataclasses.field(default=1.0, metadata=_help("kd: CRD weight (rd: HRD weight)"))
+    icl_weight: float = dataclasses.field(default=1.0, metadata=_help("kd, rd: ICL weight"))
+    fd_weight: float = dataclasses.field(default=2000.0, metadata=_help("kd, rd: feature-distillation weight"))
+    vrd_weight: float = dataclasses.field(default=1.0, metadata=_help("rd: VRD weight (its KL and both CE terms)"))
+    xrd_weight: float = dataclasses.field(default=1.0, metadata=_help("rd: XRD weight"))
+    # open_clip DistillClipLoss sums its two terms with weight 1
+    distill_weight: float = dataclasses.field(default=1.0, metadata=_help("distill: weight of the distill term"))
+    # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
+    cd_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: cluster-discrimination weight"))
+    id_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: instance-discrimination weight"))
+    cd_margin: float = dataclasses.field(default=0.5, metadata=_help("cid: ArcFace additive angular margin m2"))
+    cd_scale: float = dataclasses.field(default=32.0, metadata=_help("cid: margin-softmax scale s"))
+    centre_lr_mult: float = dataclasses.field(
+        default=3.0, metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)")
+    )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out_dir: str = dataclasses.field(default="runs/train", metadata=_help("checkpoints, metrics, config"))
+    recipe: str = dataclasses.field(default="baseline", metadata=_help("cid, rd, kd, distill or baseline"))
+    teacher_cache: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("clipcid-fast embed output of the teacher on the training corpus")
+    )
+    online_teacher: bool = dataclasses.field(
+        default=False, metadata=_help("run the frozen teacher every step instead of reading its cache")
+    )
+    balance_dir: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("cid: clipcid-fast balance output (its keep mask selects the training rows)")
+    )
+    balance_eps: float = dataclasses.field(default=0.05, metadata=_help("cid: which of balance's eps masks to use"))
+    cluster_dir: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("cid: clipcid-fast cluster output (centroids.npy, labels.npy)")
+    )
+    steps: int = dataclasses.field(default=300, metadata=_help("optimisation steps"))
+    batch_size: int = dataclasses.field(default=256, metadata=_help("global batch size"))
+    lr: float = dataclasses.field(default=2e-3, metadata=_help("peak AdamW learning rate"))
+    wd: float = dataclasses.field(default=0.1, metadata=_help("AdamW weight decay (not on gains, biases, scales)"))
+    beta1: float = dataclasses.field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = dataclasses.field(default=0.98, metadata=_help("AdamW beta2 (open_clip's ViT default)"))
+    eps: float = dataclasses.field(default=1e-6, metadata=_help("AdamW eps"))
+    warmup: int = dataclasses.field(default=30, metadata=_help("linear warm-up steps, then cosine to 0"))
+    grad_clip: float = dataclasses.field(default=1.0, metadata=_help("gradient-norm clip (0 = off)"))
+    precision: str = dataclasses.field(
+        default="auto", metadata=_help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    )
+    seed: int = dataclasses.field(default=0, metadata=_help("student init, data order"))
+    eval_every: int = dataclasses.field(default=100, metadata=_help("zero-shot eval on the held-out split (0 = off)"))
+    eval_samples: int = dataclasses.field(default=2000, metadata=_help("held-out images of the periodic eval"))
+    ckpt_every: int = dataclasses.field(default=50, metadata=_help("checkpoint every N steps (and at the end)"))
+    resume: bool = dataclasses.field(default=False, metadata=_help("continue from out_dir's latest checkpoint"))
+    impl: str = dataclasses.field(default="auto", metadata=_help("loss backend: auto or reference"))
+    progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    weights: RecipeWeights = dataclasses.field(default_factory=RecipeWeights)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags <-> dataclass
 

@@ -117,7 +117,7 @@ def default_student_cfg(context_length: int) -> dict:
         "eos_id": 102,  # [SEP]
         "pad_id": 0,  # [PAD]
     }
-    return {"embed_dim": 256, "vision_cfg": dict(STUDENT_VISION), "text_cfg": text}
+    return {"embed_dim": 384, "vision_cfg": dict(STUDENT_VISION), "text_cfg": text}
 
 
 def _config_for(spec: str, context_length: int, which: str) -> tuple[str, dict]:
@@ -253,12 +253,12 @@ def _loaded(model, model_cfg: dict, name: str) -> LoadedModel:
 
 
 def load_model(
-    cfg: ModelConfig, which: str, *, progress: bool = True, data_cfg: DataConfig | None = None
+    cfg: ModelConfig, which: str, *, progress: bool = True, data_cfg: DataConfig | None = None, seed: int = 0
 ) -> LoadedModel:
     """``which`` = "teacher", "student" or the path of a ``clipcid-fast train`` checkpoint.
 
     The default teacher is trained on first use (a few minutes on 2 cores; ``data_cfg.fashion_mnist_dir``
-    locates its corpus) and cached; the default student is a fresh, seeded initialisation.
+    locates its corpus) and cached; a student without weights is a fresh initialisation seeded by ``seed``.
     """
     if which not in ("teacher", "student"):
         if not os.path.isfile(which):
@@ -273,7 +273,7 @@ def load_model(
     weights = cfg.teacher_weights if which == "teacher" else cfg.student_weights
     name, model_cfg = _config_for(spec, cfg.context_length, which)
     if which == "student" and weights is None:
-        torch.manual_seed(cfg.teacher_seed)  # a fresh student is the same student on every call
+        torch.manual_seed(seed)  # a fresh student is the same student on every call
     model = build_open_clip(model_cfg, which=which)
     if weights is not None:
         state, _ = read_state_dict(weights, which)

@@ -1,0 +1,71 @@
+"""Training checkpoints that resume bit for bit.
+
+A checkpoint holds everything the next step depends on: the student's weights, the recipe module's own
+parameters (projections, CLIP-KD/RD scales, class centres: CLIP-KD and CLIP-RD lose these on resume), the
+optimizer and scheduler states, every RNG state (torch CPU and CUDA, numpy, python) and the step, which is
+also the data position (the sample stream is a function of the seed and the step, ``batches.py``). It is
+written to a temporary name and renamed (``_io.atomic_bytes``), so a kill mid-write leaves the previous
+checkpoint intact. ``config`` is the resolved training config: a resume with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+import numpy as np
+import torch
+
+from ._io import atomic_bytes
+
+LATEST = "latest.pt"
+
+
+def rng_state() -> dict:
+    # numpy's legacy global stream: user code (and some libraries) may draw from it
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}  # noqa: NPY002
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str, **payload) -> None:
+    buf = io.BytesIO()
+    torch.save({**payload, "rng": rng_state()}, buf)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_bytes(path, buf.getvalue())
+
+
+def load(path: str) -> dict:
+    try:
+        # RNG states hold numpy / python objects: this file is our own, written by save()
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from None
+
+
+def config_difference(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "progress")) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``ignore`` = top-level keys that may)."""
+    out = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            if not prefix and k in ignore:
+                continue
+            va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, f"{prefix}{k}.")
+            elif va != vb:
+                out.append(f"{prefix}{k}: {va!r} (checkpoint) vs {vb!r} (now)")
+
+    walk(saved, current, "")
+    return out

@@ -1,0 +1,345 @@
+"""The thin trainer: one readable loop; recipes are loss compositions (``recipes.py``); exact resume.
+
+``run_train(cfg)`` trains the student of ``cfg.models`` on ``cfg.data`` with ``cfg.recipe``:
+
+1. teacher features come from the cache ``clipcid-fast embed`` wrote (``--teacher-cache``, read by sample
+   id, memory-mapped), checked against the teacher (weights fingerprint) and the dataset, so a step costs
+   the student and the loss only; ``--online-teacher`` runs the frozen teacher every step instead;
+2. ``cid`` trains on the rows ``clipcid-fast balance`` kept (``--balance-dir``, ``--balance-eps``) with the
+   pseudo-classes of ``clipcid-fast cluster`` (``--cluster-dir``);
+3. AdamW (no weight decay on gains, biases and logit scales, open_clip's rule), linear warm-up then cosine,
+   gradient-norm clipping, the student's logit scale clamped to ln 100 after every step (open_clip), bf16
+   autocast on CUDA and fp32 on CPU (bf16 matmul is slow on these CPUs);
+4. every step appends one JSON line to ``metrics.jsonl`` (loss, each term, lr, logit scale; eval lines
+   too) and nothing that depends on wall time, so an interrupted-and-resumed run writes the same file as
+   an uninterrupted one; speed goes to the progress bar and ``summary.json``;
+5. checkpoints (``checkpoint.py``) every ``--ckpt-every`` steps and at the end; ``--resume`` continues
+   bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position);
+6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
+
+Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/latest.pt``, ``student.pt``
+(weights + model config: ``clipcid-fast eval --model out_dir/student.pt``), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, models
+from ._io import atomic_bytes, atomic_json
+from .batches import BatchBuilder, SampleStream
+from .config import RECIPES, TrainConfig, to_dict, write_config
+from .recipes import Recipe
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs: teacher cache, balance mask, pseudo-classes
+
+
+def _dataset_identity(d: dict) -> dict:
+    keys = ("dataset", "train_data", "corpus", "student_samples", "caption_noise", "data_seed", "csv_img_key",
+            "csv_caption_key")  # fmt: skip
+    return {k: d.get(k) for k in keys}
+
+
+def _teacher_cache(cfg: TrainConfig, teacher: models.LoadedModel) -> dict:
+    from . import embed
+
+    if cfg.teacher_cache is None:
+        raise ValueError(f"recipe {cfg.recipe} needs --teacher-cache (clipcid-fast embed output) or --online-teacher")
+    emb = embed.load_embeddings(cfg.teacher_cache)
+    meta = emb["meta"]
+    if meta["model"]["fingerprint"] != teacher.fingerprint:
+        raise ValueError(
+            f"--teacher-cache {cfg.teacher_cache!r} was embedded by {meta['model']['name']} "
+            f"(weights {meta['model']['fingerprint'][:12]}), not this teacher {teacher.name} "
+            f"(weights {teacher.fingerprint[:12]}): re-run clipcid-fast embed"
+        )
+    want, got = _dataset_identity(to_dict(cfg.data)), _dataset_identity(meta["dataset"])
+    diff = [f"{k}: {got[k]!r} (cache) vs {want[k]!r} (now)" for k in want if want[k] != got[k]]
+    if diff:
+        raise ValueError(f"--teacher-cache {cfg.teacher_cache!r} holds another dataset: {'; '.join(diff)}")
+    return emb
+
+
+def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """(kept cache rows as bool [n], pseudo-class per cache row [n], centroids path)."""
+    n = len(emb["ids"])
+    if cfg.cluster_dir is None:
+        raise ValueError("recipe cid needs --cluster-dir (the output of clipcid-fast cluster)")
+    labels_path = os.path.join(cfg.cluster_dir, "labels.npy")
+    cent_path = os.path.join(cfg.cluster_dir, "centroids.npy")
+    for p in (labels_path, cent_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"--cluster-dir {cfg.cluster_dir!r}: {os.path.basename(p)} is missing")
+    labels = np.load(labels_path)
+    if labels.shape != (n,):
+        raise ValueError(
+            f"--cluster-dir {cfg.cluster_dir!r}: labels.npy has {labels.shape[0]} rows, the teacher cache {n}: "
+            "it was clustered from other embeddings"
+        )
+    keep = np.ones(n, dtype=bool)
+    if cfg.balance_dir is not None:
+        mask_path = os.path.join(cfg.balance_dir, f"keep_eps{cfg.balance_eps:g}.npy")
+        if not os.path.isfile(mask_path):
+            have = sorted(f for f in os.listdir(cfg.balance_dir) if f.startswith("keep_")) if os.path.isdir(
+                cfg.balance_dir) else []  # fmt: skip
+            raise ValueError(f"--balance-dir: no {os.path.basename(mask_path)} in {cfg.balance_dir!r} (has {have})")
+        keep = np.load(mask_path)
+        if keep.shape != (n,):
+            raise ValueError(f"--balance-dir: {mask_path} has {keep.shape[0]} rows, the teacher cache {n}")
+    return keep & (labels >= 0), labels, cent_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def _student_param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    """open_clip's rule: no weight decay on 1-D parameters (gains, biases) and the logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in n or "bn" in n or "ln" in n else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": wd, "lr_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+    ]
+
+
+def _schedule(cfg: TrainConfig):
+    warm, total = max(cfg.warmup, 0), cfg.steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the periodic held-out eval (zero-shot on a fixed subset; the full report is clipcid-fast eval)
+
+
+class _ZeroShotProbe:
+    def __init__(self, cfg: TrainConfig, student: models.LoadedModel) -> None:
+        from .config import DataConfig
+        from .metrics import ZeroShotAccumulator, class_classifier
+
+        self._acc_cls, self._classifier = ZeroShotAccumulator, class_classifier
+        test_cfg = DataConfig(**{**to_dict(cfg.data), "corpus": "test"})
+        ds = data.build_dataset(test_cfg, student.preprocess, student.tokenizer)
+        pick = np.random.default_rng([cfg.seed, 7]).permutation(len(ds))[: min(cfg.eval_samples, len(ds))]
+        items = [ds[int(i)] for i in np.sort(pick)]
+        self.images = torch.stack([it["image"] for it in items])
+        self.labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+        names, templates = data.class_names(test_cfg), data.templates(test_cfg)
+        self.prompts = [student.tokenizer([t.format(c) for t in templates]) for c in names]
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict:
+        was_training = model.training
+        model.eval()
+        prompts = torch.stack([models.normalized_features(model, texts=p) for p in self.prompts])
+        acc = self._acc_cls(self._classifier(prompts))
+        for s in range(0, len(self.labels), 500):
+            acc.update(models.normalized_features(model, images=self.images[s : s + 500]), self.labels[s : s + 500])
+        model.train(was_training)
+        r = acc.result()
+        return {"eval_zeroshot_top1": r["top1"], "eval_mean_per_class_recall": r["mean_per_class_recall"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
+    for name in ("steps", "batch_size", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.grad_clip < 0:
+        raise ValueError(f"--lr must be > 0 and --grad-clip >= 0, got {cfg.lr} and {cfg.grad_clip}")
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    _check(cfg)
+    out = cfg.out_dir
+    ckpt_path = os.path.join(out, "checkpoints", checkpoint.LATEST)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    cfg_dict = to_dict(cfg)
+    resume = None
+    if os.path.isfile(ckpt_path):
+        if not cfg.resume:
+            raise ValueError(
+                f"{out!r} already holds a run (checkpoints/latest.pt): pass --resume, or another --out-dir"
+            )
+        resume = checkpoint.load(ckpt_path)
+        diff = checkpoint.config_difference(resume["config"], cfg_dict)
+        if diff:
+            raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # -- models
+    torch.manual_seed(cfg.seed)
+    student = models.load_model(cfg.models, "student", seed=cfg.seed, data_cfg=cfg.data)
+    teacher = None
+    needs_teacher = cfg.recipe != "baseline"
+    if needs_teacher:
+        teacher = models.load_model(cfg.models, "teacher", progress=cfg.progress, data_cfg=cfg.data)
+
+    # -- data
+    dataset = data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
+    ds_ids = np.asarray(dataset.ids, dtype=np.int64)
+    train_index = np.arange(len(dataset))
+    emb = cache = labels = None
+    centroids = None
+    if needs_teacher and not cfg.online_teacher:
+        emb = _teacher_cache(cfg, teacher)
+        cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+        missing = ~np.isin(ds_ids, np.asarray(emb["ids"]))
+        if missing.any():
+            raise ValueError(
+                f"--teacher-cache lacks {int(missing.sum())} of the dataset's samples (e.g. id {ds_ids[missing][0]})"
+            )
+    if cfg.recipe == "cid":
+        if emb is None:
+            emb = _teacher_cache(cfg, teacher)  # the pseudo-classes are indexed by cache row
+        kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+        kept_ids = np.asarray(emb["ids"])[kept_rows]
+        train_index = train_index[np.isin(ds_ids, kept_ids)]
+        if cache is None:  # online teacher: labels still come by cache row
+            cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+    stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed)
+    builder = BatchBuilder(dataset, train_index, cache, labels)
+    t_scale = None
+    if teacher is not None:
+        t_scale = torch.tensor(float(teacher.model.logit_scale.exp()))
+
+    # -- recipe, optimizer, schedule
+    t_dim = teacher.info["embed_dim"] if teacher is not None else student.info["embed_dim"]
+    recipe = Recipe(cfg.recipe, cfg.weights, student.info["embed_dim"], t_dim, centroids=centroids, impl=cfg.impl)
+    model = student.model.to(device).train()
+    recipe.to(device)
+    groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.lr, cfg.wd)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_mult")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    probe = _ZeroShotProbe(cfg, student) if cfg.eval_every else None
+
+    start, lines = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        recipe.load_state_dict(resume["recipe"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        checkpoint.set_rng_state(resume["rng"])
+        start, lines = resume["step"], list(resume["metrics"])
+        print(f"resumed {out} at step {start}")
+    os.makedirs(out, exist_ok=True)
+    write_config(cfg, out)
+    # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
+    atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
+    metrics = open(metrics_path, "a")
+
+    def save(step: int) -> None:
+        metrics.flush()
+        checkpoint.save(ckpt_path, model=model.state_dict(), model_cfg=student.model_cfg, recipe=recipe.state_dict(),
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, metrics=lines,
+                        config=cfg_dict)  # fmt: skip
+
+    def log(record: dict) -> None:
+        line = json.dumps(record)
+        lines.append(line)
+        metrics.write(line + "\n")
+
+    autocast = _autocast(cfg, device)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.recipe}", disable=not cfg.progress, unit="step")
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        batch = builder(stream.rows(step))
+        images, texts = batch["image"].to(device), batch["text"].to(device)
+        with autocast:
+            img, txt = model.encode_image(images), model.encode_text(texts)
+            if teacher is not None and cfg.online_teacher:
+                with torch.no_grad():
+                    t_img, t_txt = models.normalized_features(teacher.model, images, texts)
+            elif teacher is not None:
+                t_img, t_txt = batch["dist_image"].to(device), batch["dist_text"].to(device)
+            else:
+                t_img = t_txt = None
+            terms = recipe(img.float(), txt.float(), model.logit_scale.exp(), t_img, t_txt, t_scale,
+                           batch.get("cluster_label"))  # fmt: skip
+        loss = sum(terms.values())
+        values = {k: float(v.detach()) for k, v in terms.items()}  # the step's one host sync: logging and the NaN check
+        total = sum(values.values())
+        if not math.isfinite(total):
+            metrics.close()
+            raise FloatingPointError(
+                f"non-finite loss at step {step + 1}: {values}; the last good checkpoint ({ckpt_path}) is kept"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        record = {"step": step + 1, "epoch": round(stream.epoch_of(step + 1), 6), "loss": total, **values,
+                  "lr": opt.param_groups[0]["lr"], "logit_scale": float(model.logit_scale.exp())}  # fmt: skip
+        if probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            record.update(probe(model))
+        log(record)
+        seen += images.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    bar.close()
+    metrics.close()
+    seconds = time.perf_counter() - t0
+
+    final = os.path.join(out, "student.pt")
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "model_cfg": student.model_cfg}, buf)
+    atomic_bytes(final, buf.getvalue())
+    last = json.loads(lines[-1]) if lines else {}
+    summary = {
+        "recipe": cfg.recipe,
+        "steps": cfg.steps,
+        "train_samples": len(train_index),
+        "dataset_samples": len(dataset),
+        "final": last,
+        "seconds_this_run": seconds,
+        "samples_per_second_this_run": seen / seconds if seconds > 0 else None,
+        "student": student.info,
+        "teacher": teacher.info if teacher is not None else None,
+        "data": to_dict(cfg.data),
+    }
+    atomic_json(os.path.join(out, "summary.json"), summary)
+    print(f"{cfg.recipe}: {cfg.steps} steps on {len(train_index)} samples; student in {final}")
+    return summary
