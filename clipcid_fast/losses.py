@@ -325,6 +325,10 @@ class ClusterDiscriminationLoss(nn.Module):
     over the global batch's rows that have a label (labels ``−1`` are ignored) and is the same on every
     rank. ``forward(embeddings [B, D], labels [B]) -> scalar`` (``output_dict=True``:
     ``{"cluster_loss": ...}``). Centres init N(0, 0.01) as unicom's PartialFC, or from a centroid file.
+
+    ``check_values`` (default True) is passed to the functional loss: it reads the labels and every centre
+    each step (a host sync, and one extra pass over the N×D centres); pass False in a GPU training loop once
+    the inputs are known to be clean.
     """
 
     def __init__(
@@ -338,6 +342,7 @@ class ClusterDiscriminationLoss(nn.Module):
         learnable_centres: bool = True,
         weight: float = 1.0,
         impl: str = "auto",
+        check_values: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1 or embed_dim < 1:
@@ -346,6 +351,7 @@ class ClusterDiscriminationLoss(nn.Module):
         self.rank, self.world_size = rank, world_size
         self.start, self.stop = shard_range(num_classes, rank, world_size)
         self.margin, self.scale, self.weight, self.impl = tuple(margin), float(scale), float(weight), impl
+        self.check_values = bool(check_values)
         centres = torch.randn(self.stop - self.start, embed_dim) * 0.01
         self.centres = nn.Parameter(centres, requires_grad=learnable_centres)
 
@@ -369,14 +375,17 @@ class ClusterDiscriminationLoss(nn.Module):
             raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(embeddings.shape)}")
         if self.world_size == 1:
             loss = cluster_discrimination_loss(
-                embeddings, self.centres, labels, self.scale, self.margin, reduction="mean", impl=self.impl
-            )
+                embeddings, self.centres, labels, self.scale, self.margin, reduction="mean", impl=self.impl,
+                check_values=self.check_values,
+            )  # fmt: skip
         else:
             x = gather_rows(embeddings, rank=self.rank, world_size=self.world_size, with_grad=True)
             y = gather_rows(labels, rank=self.rank, world_size=self.world_size, with_grad=False, local_slot_grad=False)
             mine = (y >= self.start) & (y < self.stop)
             local = torch.where(mine, y - self.start, -1)
-            lse, target = margin_softmax_stats(x, self.centres, local, self.scale, self.margin, impl=self.impl)
+            lse, target = margin_softmax_stats(
+                x, self.centres, local, self.scale, self.margin, impl=self.impl, check_values=self.check_values
+            )
             rows = sharded_margin_softmax_rows(lse, target, world_size=self.world_size)
             valid = y >= 0
             loss = torch.where(valid, rows, 0.0).sum() / valid.sum().clamp(min=1)

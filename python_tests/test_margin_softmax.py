@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from _budget import ULP32, ULP_BF16, assert_within_budget
+from conftest import TARGETS_CPU, on_cuda, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,11 @@ HAS_CPU = ms.has_cpu_kernel()
 needs_cpu = pytest.mark.skipif(
     not HAS_CPU, reason="C++ kernel clipcid_fast_C::margin_softmax_fwd is not in this build of clipcid_fast._C"
 )
+
+# Every kernel case on the C++ CPU op and, on a GPU, on Triton (K1 has no CUDA C++ kernel).
+TARGETS = [pytest.param(p.values[0], marks=needs_cpu, id=p.id) for p in TARGETS_CPU] + on_cuda("triton")
+# The cases that also run on the reference backend (CPU), the C++ op and Triton on a GPU.
+IMPL_TARGETS = [pytest.param(("reference", "cpu"), id="reference"), *TARGETS]
 
 MARGINS = {
     "arcface": (1.0, 0.5, 0.0),
@@ -64,19 +70,21 @@ def _ref_run(x, w, lab, grad_out, m, scale=32.0):
     return loss.detach(), gx, gw
 
 
-def _op_run(x, w, lab, grad_out, m, impl, scale=32.0):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    loss = ms.cluster_discrimination_loss(x, w, lab, scale, margin=m, impl=impl)
-    gx, gw = torch.autograd.grad(loss, (x, w), grad_out.to(loss.dtype))
-    return loss.detach(), gx, gw
+def _op_run(x, w, lab, grad_out, m, impl, scale=32.0, device="cpu"):
+    """The op on ``device``; the loss and gradients come back on the CPU."""
+    x = x.detach().to(device).requires_grad_()
+    w = w.detach().to(device).requires_grad_()
+    loss = ms.cluster_discrimination_loss(x, w, lab.to(device), scale, margin=m, impl=impl)
+    gx, gw = torch.autograd.grad(loss, (x, w), grad_out.to(device=device, dtype=loss.dtype))
+    assert loss.device.type == gx.device.type == torch.device(device).type
+    return loss.detach().cpu(), gx.cpu(), gw.cpu()
 
 
-def _check(B, N, D, dtype, m, impl, labels="random", planted=None, scale=32.0):
+def _check(B, N, D, dtype, m, impl, labels="random", planted=None, scale=32.0, device="cpu"):
     x, w, lab, go = _inputs(B, N, D, dtype, labels, planted)
     gold = _ref_run(x, w, lab, go, m, scale)
     same = _ref_run(x.to(dtype), w.to(dtype), lab, go, m, scale)
-    got = _op_run(x.to(dtype), w.to(dtype), lab, go, m, impl, scale)
+    got = _op_run(x.to(dtype), w.to(dtype), lab, go, m, impl, scale, device)
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
     ulp = ULP32 if dtype == torch.float32 else ULP_BF16
     # The loss is a difference of O(s) numbers: a couple of ulps of s in fp32 is the noise floor.
@@ -118,28 +126,27 @@ CPU_CASES = [
 ]
 
 
-@needs_cpu
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("shape,dtype,margin", CPU_CASES)
-def test_cpu_matches_reference(shape, dtype, margin):
-    _check(*shape, dtype, MARGINS[margin], "cpu", labels="mixed")
+def test_matches_reference(target, shape, dtype, margin):
+    impl, device = require(target)
+    _check(*shape, dtype, MARGINS[margin], impl, labels="mixed", device=device)
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("target", IMPL_TARGETS)
 @pytest.mark.parametrize("margin", list(MARGINS), ids=list(MARGINS))
 @pytest.mark.parametrize("planted", ["antipodal", "aligned", "mixed"])
-def test_past_pi_fallback_and_aligned_targets(impl, margin, planted):
-    if impl == "cpu" and not HAS_CPU:
-        pytest.skip("C++ kernel not in this build")
-    _check(33, 507, 77, torch.float32, MARGINS[margin], impl, planted=planted)
+def test_past_pi_fallback_and_aligned_targets(target, margin, planted):
+    impl, device = require(target)
+    _check(33, 507, 77, torch.float32, MARGINS[margin], impl, planted=planted, device=device)
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("target", IMPL_TARGETS)
 @pytest.mark.parametrize("labels", ["none", "duplicate", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_label_patterns(impl, labels, dtype):
-    if impl == "cpu" and not HAS_CPU:
-        pytest.skip("C++ kernel not in this build")
-    _check(33, 507, 77, dtype, MARGINS["arcface"], impl, labels=labels)
+def test_label_patterns(target, labels, dtype):
+    impl, device = require(target)
+    _check(33, 507, 77, dtype, MARGINS["arcface"], impl, labels=labels, device=device)
 
 
 @needs_cpu
@@ -158,42 +165,47 @@ def test_cpu_tile_sizes_agree(tile):
     torch.testing.assert_close(b[1], a[1], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", _impls())
-def test_shard_stats_with_separate_grads(impl):
+@pytest.mark.parametrize("target", IMPL_TARGETS)
+def test_shard_stats_with_separate_grads(target):
     """The sharded form: lse and target each with their own gradient, as distributed code feeds them."""
+    impl, device = require(target)
     x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
     g = torch.Generator().manual_seed(3)
     g_lse = torch.randn(33, generator=g, dtype=torch.float64)
     g_tgt = torch.randn(33, generator=g, dtype=torch.float64)
 
-    def run(fn, dt):
-        xx = x.to(dt).requires_grad_()
-        ww = w.to(dt).requires_grad_()
-        lse, tgt = fn(xx, ww)
-        gx, gw = torch.autograd.grad((lse, tgt), (xx, ww), (g_lse.to(lse.dtype), g_tgt.to(tgt.dtype)))
-        return lse.detach(), tgt.detach(), gx, gw
+    def run(fn, dt, dev="cpu"):
+        xx = x.to(device=dev, dtype=dt).requires_grad_()
+        ww = w.to(device=dev, dtype=dt).requires_grad_()
+        lse, tgt = fn(xx, ww, lab.to(dev))
+        grads = (g_lse.to(device=dev, dtype=lse.dtype), g_tgt.to(device=dev, dtype=tgt.dtype))
+        gx, gw = torch.autograd.grad((lse, tgt), (xx, ww), grads)
+        return lse.detach().cpu(), tgt.detach().cpu(), gx.cpu(), gw.cpu()
 
-    def ref(a, b):
-        return reference.margin_softmax_shard_stats(a, b, lab, 32.0, 1.0, 0.5, 0.0)
+    def ref(a, b, labels):
+        return reference.margin_softmax_shard_stats(a, b, labels, 32.0, 1.0, 0.5, 0.0)
 
     gold = run(ref, torch.float64)
     same = run(ref, torch.float32)
-    got = run(lambda a, b: ms.margin_softmax_stats(a, b, lab, 32.0, (1.0, 0.5, 0.0), impl), torch.float32)
+    op = lambda a, b, labels: ms.margin_softmax_stats(a, b, labels, 32.0, (1.0, 0.5, 0.0), impl)  # noqa: E731
+    got = run(op, torch.float32, device)
     for k, t, gd, n in zip(got, same, gold, ("lse", "target", "grad_x", "grad_w")):
         big = gd.abs().max().item()
         assert_within_budget(k, t, gd, c=2.0, slack=64 * ULP32 * 32 * max(big, 1e-30), rtol=4 * ULP32, name=n)
 
 
-@pytest.mark.parametrize("impl", _impls())
-def test_frozen_centres_and_reductions(impl):
+@pytest.mark.parametrize("target", IMPL_TARGETS)
+def test_frozen_centres_and_reductions(target):
+    impl, device = require(target)
     x, w, lab, _ = _inputs(33, 507, 77, torch.float32, "mixed")
     x, w = x.float().requires_grad_(), w.float()
+    xd = x.detach().to(device).requires_grad_()
     for red in ("mean", "sum"):
-        loss = ms.cluster_discrimination_loss(x, w, lab, reduction=red, impl=impl)
+        loss = ms.cluster_discrimination_loss(xd, w.to(device), lab.to(device), reduction=red, impl=impl)
         per_row = reference.cluster_discrimination_loss(x.detach(), w, lab)
         want = per_row.sum() / ((lab >= 0).sum() if red == "mean" else 1)
-        torch.testing.assert_close(loss.detach(), want, atol=1e-4, rtol=1e-5)
-        (gx,) = torch.autograd.grad(loss, x)
+        torch.testing.assert_close(loss.detach().cpu(), want, atol=1e-4, rtol=1e-5)
+        (gx,) = (g.cpu() for g in torch.autograd.grad(loss, xd))
         xr = x.detach().clone().requires_grad_()
         r = reference.cluster_discrimination_loss(xr, w, lab)
         r = r.sum() / ((lab >= 0).sum() if red == "mean" else 1)
@@ -394,17 +406,21 @@ def test_cpu_matches_reference_100k_classes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("margin", ["arcface", "sphereface", "cosface"])
 def test_triton_matches_reference(triton_device, shape, dtype, margin):
-    if triton_device.type != "cpu":
-        pytest.skip("CPU-interpreter shapes; GPU runs use the same test with device tensors")
-    _check(*shape, dtype, MARGINS[margin], "triton", labels="mixed")
+    _check(*shape, dtype, MARGINS[margin], "triton", labels="mixed", device=triton_device)
 
 
 @pytest.mark.triton
 def test_triton_fallback_and_no_labels(triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("CPU-interpreter shapes")
-    _check(17, 90, 20, torch.float32, MARGINS["arcface"], "triton", planted="mixed")
-    _check(17, 90, 20, torch.float32, MARGINS["combined"], "triton", labels="none")
+    _check(17, 90, 20, torch.float32, MARGINS["arcface"], "triton", planted="mixed", device=triton_device)
+    _check(17, 90, 20, torch.float32, MARGINS["combined"], "triton", labels="none", device=triton_device)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_wide_features_over_several_d_slices(triton_device, dtype):
+    """D = 300: several K slices per cosine tile and two D slices (the last ragged) of both gradient
+    accumulators (the GPU layout of D = 512 / 768, at interpreter-sized B and N)."""
+    _check(9, 70, 300, dtype, MARGINS["arcface"], "triton", labels="mixed", device=triton_device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +475,8 @@ def test_compiles_fullgraph():
 def test_random_shapes(B, N, D, margin, labels):
     for impl in _impls():
         _check(B, N, D, torch.float32, MARGINS[margin], impl, labels=labels)
+    if torch.cuda.is_available() and _backend.triton_module() is not None:  # the GPU check: Triton compiled
+        _check(B, N, D, torch.float32, MARGINS[margin], "triton", labels=labels, device="cuda")
 
 
 BAD = [

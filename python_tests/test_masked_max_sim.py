@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from _budget import ULP32, assert_within_budget
+from conftest import TARGETS_CPU, on_cuda, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,8 @@ DS = [3, 77, 512]
 needs_cpu = pytest.mark.skipif(
     not mms.has_cpu_kernel(), reason="C++ op clipcid_fast_C.masked_max_sim_fwd not in this build"
 )
+# Every kernel case on the C++ CPU op and, on a GPU, on Triton and the CUDA C++ kernel.
+TARGETS = [pytest.param(p.values[0], marks=needs_cpu, id=p.id) for p in TARGETS_CPU] + on_cuda("triton", "cuda")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -87,8 +90,10 @@ def _gold(x: torch.Tensor):
     return m, idx, gap, sim
 
 
-def _check_masked(x, impl, *, tile=0, clear_keep=False):
-    m, idx = mms.masked_max_similarity(x, impl, tile=tile)
+def _check_masked(x, impl, *, tile=0, clear_keep=False, device="cpu"):
+    m, idx = mms.masked_max_similarity(x.to(device), impl, tile=tile)
+    assert m.device.type == torch.device(device).type
+    m, idx = m.cpu(), idx.cpu()
     assert m.dtype == torch.float32 and idx.dtype == torch.int64 and m.shape == idx.shape == (x.shape[0],)
     m_gold, idx_gold, gap, sim = _gold(x)
     m_f32, _ = reference.masked_max_similarity(x.float())
@@ -100,7 +105,7 @@ def _check_masked(x, impl, *, tile=0, clear_keep=False):
     if j.numel():  # elsewhere a valid (near-)argmax among earlier rows
         assert bool((idx[1:] < j).all() & (idx[1:] >= 0).all())
         assert bool((sim[idx[1:], j] >= m_gold[1:] - SEP).all())
-    keep = mms.semdedup_keep(x, EPS_LIST, impl, tile=tile)
+    keep = mms.semdedup_keep(x.to(device), EPS_LIST, impl, tile=tile).cpu()
     keep_gold = reference.semdedup_keep(x.double(), EPS_LIST)
     thr = 1 - torch.tensor(EPS_LIST, dtype=torch.float64)[:, None]
     clear = (m_gold[None, :] - thr).abs() > SEP
@@ -116,22 +121,24 @@ def _check_masked(x, impl, *, tile=0, clear_keep=False):
 # --------------------------------------------------------------------------------------------------
 
 
-@needs_cpu
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("c", CS)
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_random(c, D, dtype):
-    _check_masked(random_rows(c, D, seed=c * 1000 + D).to(dtype), "cpu")
+def test_random(target, c, D, dtype):
+    impl, device = require(target)
+    _check_masked(random_rows(c, D, seed=c * 1000 + D).to(dtype), impl, device=device)
 
 
-@needs_cpu
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("c", [2, 33, 1000, 2049])
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_planted_duplicates(c, D, exact, dtype):
+def test_planted_duplicates(target, c, D, exact, dtype):
+    impl, device = require(target)
     x = planted_rows(c, D, seed=c + D, exact=exact, dtype=dtype)
-    _, idx, keep = _check_masked(x, "cpu", clear_keep=True)
+    _, idx, keep = _check_masked(x, impl, clear_keep=True, device=device)
     assert torch.equal(keep, reference.semdedup_keep(x.double(), EPS_LIST))
     if exact:
         _check_exact_copies(x, idx)
@@ -146,33 +153,41 @@ def _check_exact_copies(x, idx):
     assert bool(same[idx[j], j].all())
 
 
-@needs_cpu
+TILES = {"cpu": (16, 33, 100, 256, 1024), "triton": (16, 33, 64, 128, 1024)}  # Triton: powers of two ≤ 128
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if "cuda-cuda" not in t.id])  # CUDA C++: fixed tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_tile_size_independence(dtype):
+def test_tile_size_independence(target, dtype):
+    impl, device = require(target)
     x = planted_rows(1000, 77, seed=7, dtype=dtype)
     _, _, gap, _ = _gold(x)
     sep = gap > SEP
-    tiles = (16, 33, 100, 256, 1024)
-    outs = [mms.masked_max_similarity(x, "cpu", tile=t) for t in tiles]
-    keeps = [mms.semdedup_keep(x, EPS_LIST, "cpu", tile=t) for t in tiles]
+    tiles = TILES[impl]
+    xd = x.to(device)
+    outs = [tuple(t.cpu() for t in mms.masked_max_similarity(xd, impl, tile=t)) for t in tiles]
+    keeps = [mms.semdedup_keep(xd, EPS_LIST, impl, tile=t).cpu() for t in tiles]
     for (m, idx), keep in zip(outs[1:], keeps[1:]):
         assert torch.equal(idx[sep], outs[0][1][sep])
         assert torch.equal(keep, keeps[0])  # planted: every keep decision is clear of the thresholds
         torch.testing.assert_close(m, outs[0][0], atol=8 * ULP32, rtol=0)
 
 
-@needs_cpu
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("n,K,D", [(1, 1, 3), (33, 5, 77), (1000, 257, 512), (2049, 64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [0, 32])
-def test_cpu_nearest_centroid(n, K, D, dtype, tile):
-    _check_nearest(n, K, D, dtype, "cpu", tile)
+def test_nearest_centroid(target, n, K, D, dtype, tile):
+    impl, device = require(target)
+    _check_nearest(n, K, D, dtype, impl, tile, device=device)
 
 
-def _check_nearest(n, K, D, dtype, impl, tile):
+def _check_nearest(n, K, D, dtype, impl, tile, device="cpu"):
     x = random_rows(n, D, seed=n).to(dtype)
     cen = random_rows(K, D, seed=K + 1).to(dtype)
-    sim, idx = mms.nearest_centroid(x, cen, impl, tile=tile)
+    sim, idx = mms.nearest_centroid(x.to(device), cen.to(device), impl, tile=tile)
+    assert sim.device.type == torch.device(device).type
+    sim, idx = sim.cpu(), idx.cpu()
     assert sim.dtype == torch.float32 and idx.dtype == torch.int64 and sim.shape == (n,)
     s_gold, i_gold = reference.nearest_centroid(x.double(), cen.double())
     s_f32, _ = reference.nearest_centroid(x.float(), cen.float())
@@ -186,9 +201,10 @@ def _check_nearest(n, K, D, dtype, impl, tile):
     assert bool((full[torch.arange(n), idx] >= s_gold - SEP).all())
 
 
-@needs_cpu
-def test_cpu_matches_dense_semdedup_brute_force():
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_dense_semdedup_brute_force(target):
     """The keep mask against a SemDeDup-style dense computation (X·Xᵀ, triu, column max) in float64."""
+    impl, device = require(target)
     x = planted_rows(1000, 512, seed=3)
     xn = x.double() / x.double().norm(dim=1, keepdim=True)
     sim = torch.triu(xn @ xn.T, diagonal=1)  # SemDeDup zeroes the lower triangle and diagonal
@@ -196,7 +212,7 @@ def test_cpu_matches_dense_semdedup_brute_force():
     for eps in EPS_LIST:
         dense_keep = ~(m_dense > 1 - eps)
         clear = (m_dense - (1 - eps)).abs() > SEP
-        keep = mms.semdedup_keep(x, eps, "cpu")[0]
+        keep = mms.semdedup_keep(x.to(device), eps, impl)[0].cpu()
         if eps < 1:  # SemDeDup's zero fill equals −inf as long as 1 − eps > 0
             assert torch.equal(keep[clear], dense_keep[clear])
 
@@ -211,24 +227,16 @@ def test_cpu_matches_dense_semdedup_brute_force():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [32, 64])
 def test_triton_matches_reference(triton_device, c, D, dtype, tile):
-    if triton_device.type == "cpu":
-        _check_masked(random_rows(c, D, seed=c).to(dtype), "triton", tile=tile)
-        x = planted_rows(c, D, seed=c, exact=True, dtype=dtype)
-        _, idx, _ = _check_masked(x, "triton", tile=tile, clear_keep=True)
-        _check_exact_copies(x, idx)
-    else:
-        x = random_rows(c, D, seed=c).to(dtype).to(triton_device)
-        m, _ = mms.masked_max_similarity(x, "triton", tile=tile)
-        m_ref, _ = reference.masked_max_similarity(x.double())
-        torch.testing.assert_close(m.double(), m_ref, atol=1e-5, rtol=0)
+    _check_masked(random_rows(c, D, seed=c).to(dtype), "triton", tile=tile, device=triton_device)
+    x = planted_rows(c, D, seed=c, exact=True, dtype=dtype)
+    _, idx, _ = _check_masked(x, "triton", tile=tile, clear_keep=True, device=triton_device)
+    _check_exact_copies(x, idx)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_nearest_centroid(triton_device, dtype):
-    if triton_device.type != "cpu":
-        pytest.skip("CPU-interpreter shapes")
-    _check_nearest(70, 40, 77, dtype, "triton", 32)
+    _check_nearest(70, 40, 77, dtype, "triton", 32, device=triton_device)
 
 
 def test_reference_backend_and_float64():

@@ -8,6 +8,7 @@ random g (≠ 1) with respect to q_s, k_s and the student scale; the teacher get
 import pytest
 import torch
 from _budget import ULP32, ULP_BF16, assert_within_budget
+from conftest import TARGETS_CPU, on_cuda, require
 
 from clipcid_fast import _backend, reference
 from clipcid_fast.ops import relational_rows as rr
@@ -18,6 +19,21 @@ MODES = [("hard", "ce"), ("soft", "ce"), ("soft", "kl")]
 def _cpu_or_skip():
     if not rr.has_cpu_kernel():
         pytest.skip("the loaded C++ extension has no relational_rows_fwd (not built with csrc/cpu/relational_rows.cpp)")
+
+
+# Every kernel case on the C++ CPU op and, on a GPU, on Triton (K2 has no CUDA C++ kernel).
+TARGETS = TARGETS_CPU + on_cuda("triton")
+
+
+def _target(target, distill=False):
+    impl, device = require(target)
+    if impl == "cpu":
+        _cpu_distill_or_skip() if distill else _cpu_or_skip()
+    return impl, device
+
+
+def _on(x, device):
+    return None if x is None else x.to(device)
 
 
 def _feats(g, n, d, near=False):
@@ -56,21 +72,26 @@ def _ref(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, direction, off, g_r, g_c):
     return outs, torch.autograd.grad(total, (q, k, s))
 
 
-def _kernel(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, direction, off, g_r, g_c, impl):
-    q = q_s.detach().clone().requires_grad_()
-    k = k_s.detach().clone().requires_grad_()
-    s = torch.tensor(float(scale_s)).requires_grad_()
+def _kernel(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, direction, off, g_r, g_c, impl, device="cpu"):
+    """The op on ``device``; outputs and gradients come back on the CPU."""
+    q = q_s.detach().to(device).requires_grad_()
+    k = k_s.detach().to(device).requires_grad_()
+    s = torch.tensor(float(scale_s), device=device).requires_grad_()
     out = rr.relational_kd_rows(
-        q, k, s, q_t, k_t, scale_t, kind=kind, direction=direction, target_offset=off, impl=impl
-    )
+        q, k, s, _on(q_t, device), _on(k_t, device), scale_t, kind=kind, direction=direction, target_offset=off,
+        impl=impl,
+    )  # fmt: skip
     outs = list(out) if direction == "both" else [out]
     gs = {"rows": [g_r], "cols": [g_c], "both": [g_r, g_c]}[direction]
-    total = sum((o * gg.float()).sum() for o, gg in zip(outs, gs))
+    total = sum((o * gg.float().to(device)).sum() for o, gg in zip(outs, gs))
     grads = torch.autograd.grad(total, (q, k, s))
-    return outs, grads
+    assert all(o.device.type == torch.device(device).type for o in (*outs, *grads))
+    return [o.cpu() for o in outs], [g.cpu() for g in grads]
 
 
-def _check(R, C, D, dtype, mode, kind, impl, *, direction="both", scale_s=30.0, scale_t=50.0, off=0, near=False):
+def _check(
+    R, C, D, dtype, mode, kind, impl, *, direction="both", scale_s=30.0, scale_t=50.0, off=0, near=False, device="cpu"
+):
     soft = mode == "soft"
     q_s, k_s, q_t, k_t, g_r, g_c = _make(R, C, D, soft, seed=R * 1000 + D + len(kind), near=near)
     st = scale_t if soft else None
@@ -84,7 +105,7 @@ def _check(R, C, D, dtype, mode, kind, impl, *, direction="both", scale_s=30.0, 
     gold_out, gold_g = _ref(up(q_s), up(k_s), scale_s, up(q_t), up(k_t), st, kind, direction, off, g_r, g_c)
     args = (cast(q_s), cast(k_s), scale_s, cast(q_t), cast(k_t), st, kind, direction, off)
     same_out, same_g = _ref(*args, g_r, g_c)
-    got_out, got_g = _kernel(*args, g_r, g_c, impl)
+    got_out, got_g = _kernel(*args, g_r, g_c, impl, device)
     ulp = ULP32 if dtype == torch.float32 else ULP_BF16
     # Logits are up to max(scale) in size: a kernel that sums in another order (tiles, a different GEMM) is
     # off by a few ulps of the logits, which the loss and the softmax weights inherit.
@@ -102,32 +123,36 @@ def _check(R, C, D, dtype, mode, kind, impl, *, direction="both", scale_s=30.0, 
 CPU_SHAPES = [(1, 3), (7, 77), (257, 512), (1000, 77)]
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("B,D", CPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,kind", MODES)
-def test_cpu_matches_reference(B, D, dtype, mode, kind):
-    _cpu_or_skip()
-    _check(B, B, D, dtype, mode, kind, "cpu")
+def test_matches_reference(target, B, D, dtype, mode, kind):
+    impl, device = _target(target)
+    _check(B, B, D, dtype, mode, kind, impl, device=device)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("mode,kind", MODES)
 @pytest.mark.parametrize("near", [False, True])
-def test_cpu_extreme_scales_and_near_identical_rows(mode, kind, near):
-    _cpu_or_skip()
-    _check(300, 300, 512, torch.float32, mode, kind, "cpu", scale_s=100.0, scale_t=100.0, near=near)
-    _check(65, 65, 3, torch.float32, mode, kind, "cpu", scale_s=0.5, scale_t=100.0, near=near)
+def test_extreme_scales_and_near_identical_rows(target, mode, kind, near):
+    impl, device = _target(target)
+    _check(300, 300, 512, torch.float32, mode, kind, impl, scale_s=100.0, scale_t=100.0, near=near, device=device)
+    _check(65, 65, 3, torch.float32, mode, kind, impl, scale_s=0.5, scale_t=100.0, near=near, device=device)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("mode,kind", MODES)
 @pytest.mark.parametrize("direction", ["rows", "cols"])
-def test_cpu_one_direction_and_rectangular(mode, kind, direction):
-    _cpu_or_skip()
+def test_one_direction_and_rectangular(target, mode, kind, direction):
+    impl, device = _target(target)
+    kw = dict(direction=direction, device=device)
     if mode == "hard" and direction == "rows":
-        _check(7, 20, 77, torch.float32, mode, kind, "cpu", direction="rows", off=5)  # shard-style offset
+        _check(7, 20, 77, torch.float32, mode, kind, impl, off=5, **kw)  # shard-style offset
     elif mode == "soft":
-        _check(33, 70, 77, torch.float32, mode, kind, "cpu", direction=direction)
+        _check(33, 70, 77, torch.float32, mode, kind, impl, **kw)
     else:
-        _check(40, 40, 77, torch.float32, mode, kind, "cpu", direction=direction)
+        _check(40, 40, 77, torch.float32, mode, kind, impl, **kw)
 
 
 @pytest.mark.parametrize("mode,kind", MODES)
@@ -165,13 +190,21 @@ def test_reference_backend_matches_reference(B, D, mode, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,kind", MODES)
 def test_triton_matches_reference(triton_device, B, D, dtype, mode, kind):
-    _check(B, B, D, dtype, mode, kind, "triton", scale_s=100.0 if B == 7 else 30.0)
+    _check(B, B, D, dtype, mode, kind, "triton", scale_s=100.0 if B == 7 else 30.0, device=triton_device)
 
 
 @pytest.mark.triton
 def test_triton_rectangular_offset_and_one_direction(triton_device):
-    _check(7, 20, 77, torch.float32, "hard", "ce", "triton", direction="rows", off=5)
-    _check(20, 33, 16, torch.float32, "soft", "kl", "triton", direction="cols")
+    _check(7, 20, 77, torch.float32, "hard", "ce", "triton", direction="rows", off=5, device=triton_device)
+    _check(20, 33, 16, torch.float32, "soft", "kl", "triton", direction="cols", device=triton_device)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("mode,kind", MODES)
+def test_triton_wide_features_over_several_d_slices(triton_device, mode, kind):
+    """D = 300 (D_t = 305): several K slices per logit tile and two D slices of the backward's accumulator,
+    the last one ragged (the GPU layout of D = 512 / 768, at interpreter-sized B)."""
+    _check(20, 20, 300, torch.float32, mode, kind, "triton", device=triton_device)
 
 
 def _distill_inputs(B, D, seed=0):
@@ -180,21 +213,28 @@ def _distill_inputs(B, D, seed=0):
     return feats, torch.tensor(20.0), torch.tensor(60.0)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "triton", "reference"])
-def test_composes_into_open_clip_distill_clip_loss(impl):
+COMPOSE_TARGETS = [
+    *TARGETS_CPU,
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("reference", "cpu"), id="ref"),
+    *on_cuda("triton", "auto"),
+]
+
+
+@pytest.mark.parametrize("target", COMPOSE_TARGETS)
+def test_composes_into_open_clip_distill_clip_loss(target):
     """The one-call fused distill_clip_loss equals reference.distill_clip_loss and its student grads."""
-    if impl == "cpu":
-        _cpu_or_skip()
-    if impl == "triton" and not _backend.triton_usable_on(torch.device("cpu")):
+    impl, device = _target(target) if target[0] != "reference" else target
+    if impl == "triton" and not _backend.triton_usable_on(torch.device(device)):
         pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU tensors")
-    B = 24 if impl == "triton" else 300
+    B = 24 if impl == "triton" and str(device) == "cpu" else 300
     (si, st, ti, tt), ls, lt = _distill_inputs(B, 64)
     outs = []
-    for fn in (reference.distill_clip_loss, lambda *a: rr.distill_clip_loss(*a, impl=impl)):
-        a, b, s = si.clone().requires_grad_(), st.clone().requires_grad_(), ls.clone().requires_grad_()
-        c, d = fn(a, b, s, ti, tt, lt)
+    for fn, dev in ((reference.distill_clip_loss, "cpu"), (lambda *a: rr.distill_clip_loss(*a, impl=impl), device)):
+        a, b, s = (x.to(dev).requires_grad_() for x in (si, st, ls))
+        c, d = fn(a, b, s, ti.to(dev), tt.to(dev), lt.to(dev))
         grads = torch.autograd.grad(0.7 * c + 1.3 * d, (a, b, s))
-        outs.append((c, d, *grads))
+        outs.append([t.cpu() for t in (c, d, *grads)])
     for x, y in zip(*outs):
         torch.testing.assert_close(x, y, atol=1e-5 * (1 + y.abs().max().item()), rtol=1e-5)
 
@@ -321,20 +361,21 @@ def _cpu_distill_or_skip():
         pytest.skip("the loaded C++ extension has no relational_distill_fwd")
 
 
-def _distill_check(B, D, dtype, kind, impl, *, scale_s=30.0, scale_t=50.0, near=False, seed=0):
+def _distill_check(B, D, dtype, kind, impl, *, scale_s=30.0, scale_t=50.0, near=False, seed=0, device="cpu"):
     """relational_distill == the two relational_kd_rows calls (hard, soft) in the reference, in float64 gold."""
     q_s, k_s, q_t, k_t, g_r, g_c = _make(B, B, D, True, seed=seed + B, near=near)
     g = torch.Generator().manual_seed(seed + 7)
     h_r, h_c = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
 
-    def run(q, k, qt, kt, s, fn):
-        q = q.detach().clone().requires_grad_()
-        k = k.detach().clone().requires_grad_()
-        s = torch.tensor(s, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32).requires_grad_()
-        outs = fn(q, k, s, qt, kt)
+    def run(q, k, qt, kt, s, fn, dev="cpu"):
+        q = q.detach().to(dev).requires_grad_()
+        k = k.detach().to(dev).requires_grad_()
+        s = torch.tensor(s, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=dev)
+        s.requires_grad_()
+        outs = fn(q, k, s, qt.to(dev), kt.to(dev))
         ws = (h_r, h_c, g_r, g_c)
-        total = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, ws))
-        return list(outs), list(torch.autograd.grad(total, (q, k, s)))
+        total = sum((o * w.to(device=dev, dtype=o.dtype)).sum() for o, w in zip(outs, ws))
+        return [o.cpu() for o in outs], [g.cpu() for g in torch.autograd.grad(total, (q, k, s))]
 
     def ref(q, k, s, qt, kt):
         return (
@@ -356,7 +397,7 @@ def _distill_check(B, D, dtype, kind, impl, *, scale_s=30.0, scale_t=50.0, near=
         return x.to(dtype)
 
     same_out, same_g = run(c(q_s), c(k_s), c(q_t), c(k_t), scale_s, ref)
-    got_out, got_g = run(c(q_s), c(k_s), c(q_t), c(k_t), scale_s, fused)
+    got_out, got_g = run(c(q_s), c(k_s), c(q_t), c(k_t), scale_s, fused, device)
     ulp = ULP32 if dtype == torch.float32 else ULP_BF16
     zmax = 1.0 + max(scale_s, scale_t)
     for i, (o, t, gd) in enumerate(zip(got_out, same_out, gold_out)):
@@ -369,20 +410,23 @@ def _distill_check(B, D, dtype, kind, impl, *, scale_s=30.0, scale_t=50.0, near=
     assert got_g[0].dtype == dtype and got_g[1].dtype == dtype
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("B,D", [(1, 3), (7, 77), (257, 512), (1000, 77)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["ce", "kl"])
-def test_cpu_distill_matches_reference(B, D, dtype, kind):
-    _cpu_distill_or_skip()
-    _distill_check(B, D, dtype, kind, "cpu")
+def test_distill_matches_reference(target, B, D, dtype, kind):
+    impl, device = _target(target, distill=True)
+    _distill_check(B, D, dtype, kind, impl, device=device)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 @pytest.mark.parametrize("near", [False, True])
-def test_cpu_distill_extreme_scales_and_near_identical_rows(kind, near):
-    _cpu_distill_or_skip()
-    _distill_check(300, 512, torch.float32, kind, "cpu", scale_s=100.0, scale_t=100.0, near=near)
-    _distill_check(65, 3, torch.float32, kind, "cpu", scale_s=0.5, scale_t=100.0, near=near)
+def test_distill_extreme_scales_and_near_identical_rows(target, kind, near):
+    impl, device = _target(target, distill=True)
+    kw = dict(near=near, device=device)
+    _distill_check(300, 512, torch.float32, kind, impl, scale_s=100.0, scale_t=100.0, **kw)
+    _distill_check(65, 3, torch.float32, kind, impl, scale_s=0.5, scale_t=100.0, **kw)
 
 
 @pytest.mark.parametrize("kind", ["ce", "kl"])
@@ -393,7 +437,7 @@ def test_reference_backend_distill_matches_reference(kind):
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 def test_triton_distill_matches_reference(triton_device, kind):
-    _distill_check(20, 16, torch.float32, kind, "triton")
+    _distill_check(20, 16, torch.float32, kind, "triton", device=triton_device)
 
 
 @pytest.mark.parametrize("kind", ["ce", "kl"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from _budget import ULP32, ULP_BF16, assert_within_budget
-from conftest import backends_for
+from conftest import backends_for, on_cuda, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +20,7 @@ def _run(x, impl, grad_out):
     return y, gx
 
 
-def _check(shape, dtype, device, impl, planted):
+def _check(shape, dtype, device, impl, planted, grad=True):
     g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
     x64 = torch.randn(*shape, generator=g, dtype=torch.float64) * 20
     if planted:  # a huge logit per row: the exp overflows without max-shifting
@@ -29,10 +29,17 @@ def _check(shape, dtype, device, impl, planted):
     x = x64.to(dtype)
     gold = _run(x.double(), "reference", grad_out)
     same = _run(x, "reference", grad_out.float())
-    got = _run(x.to(device), impl, grad_out.float().to(device))
-    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    if grad:
+        got = _run(x.to(device), impl, grad_out.float().to(device))
+        assert got[1].dtype == dtype
+    else:  # forward only (the CUDA C++ kernel has no backward: with a gradient wanted, Triton runs)
+        with torch.no_grad():
+            got = (clipcid_fast.row_logsumexp(x.to(device), impl=impl),)
+    assert got[0].dtype == torch.float32 and got[0].device.type == torch.device(device).type
     ulp = ULP32 if dtype == torch.float32 else ULP_BF16
     assert_within_budget(got[0], same[0], gold[0], c=2.0, slack=1e-6, rtol=4 * ulp, name="lse")
+    if not grad:
+        return
     # grad = g·exp(x − lse): an lse off by one ulp of |lse| moves it by that much, relatively
     cond = 4 * ulp * (1 + gold[0].abs().max().item())
     assert_within_budget(got[1], same[1], gold[1], c=2.0, slack=1e-6, rtol=cond, name="grad_x")
@@ -54,10 +61,21 @@ def test_triton_backend_matches_reference(triton_device, shape, dtype):
     _check(shape, dtype, triton_device, "triton", planted=True)
 
 
-@pytest.mark.gpu
-def test_cuda_kernel_matches_reference():
-    x = torch.randn(300, 5000, device="cuda")
-    torch.testing.assert_close(clipcid_fast.row_logsumexp(x, impl="cuda"), torch.logsumexp(x, 1))
+@pytest.mark.parametrize("target", on_cuda("triton"))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("planted", [False, True])
+def test_cuda_backends_match_reference(target, shape, dtype, planted):
+    impl, device = require(target)
+    _check(shape, dtype, device, impl, planted)
+
+
+@pytest.mark.parametrize("target", on_cuda("cuda", "triton"))
+@pytest.mark.parametrize("shape", [*SHAPES, (300, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_matches_reference(target, shape, dtype):
+    impl, device = require(target)
+    _check(shape, dtype, device, impl, planted=True, grad=False)
 
 
 def test_auto_picks_a_backend_with_the_reference_result():

@@ -1,5 +1,6 @@
 """Triton import shared by the op files. Without Triton, ``triton`` is None, ``tl`` a stub and ``jit``
-returns the undecorated function, so the modules still import.
+returns the undecorated function, so the modules still import. ``jit(fn)`` and ``jit(**options)(fn)``
+(e.g. ``do_not_specialize``) both work, with or without Triton.
 
 Kernel files must not use ``from __future__ import annotations``: Triton reads ``tl.constexpr``
 annotations as objects, and the interpreter rejects them as strings."""
@@ -17,5 +18,5 @@ except ImportError:  # pragma: no cover - triton ships with the CUDA torch wheel
     triton = None
     tl = types.SimpleNamespace(constexpr=int)  # lets `BLOCK: tl.constexpr` annotations evaluate
 
-    def jit(fn):
-        return fn
+    def jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)

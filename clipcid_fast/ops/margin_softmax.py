@@ -18,14 +18,15 @@ Faces:
   only scales the gradients. Otherwise (``reduction="none"``, the class-sharded loss) the forward is the
   pass without gradients (one tile slot per thread, W read once) and the backward the full pass with
   the incoming weights (8·B·N·D in all). fp32 / bf16 storage, fp32 math.
-* Triton (GPU; on CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over row blocks, and
-  backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one row.
-  Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
-  and are computed outside the kernels with the reference's own ``combined_margin``.
+* Triton (``margin_triton.py``; GPU, or CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over
+  row blocks, and backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one
+  row. Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
+  and are computed here with the reference's own ``combined_margin``.
 * the reference (float64 and float16 on CPU, and the fallback).
 
 Extra memory, never O(B·N): C++ R·N (≤ 384 MB while N ≤ 3M, 32·N floats beyond) + B·D + N floats for a pass
-with gradients, ≤ 64 MB of tile slots without; Triton O(B·D + tile·(B + D) + N) floats.
+with gradients, ≤ 64 MB of tile slots without; Triton O(B·D + N) floats forward, plus the fp32 [B, D] and
+[N, D] gradient accumulators backward.
 """
 
 from __future__ import annotations
@@ -38,191 +39,13 @@ from torch import Tensor
 
 from .. import _validate, reference
 from .._backend import resolve
-from ._triton import jit, tl, triton
+from . import margin_triton
 
 REDUCTIONS = ("none", "mean", "sum")
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernels. Features are loaded whole along D (next power of two, masked); the normalisation
-# enters as per-row inverse norms (ix for x, iw for W) computed once outside, O(B + N). Dots are fp32
-# with input_precision="ieee" (TF32 would move s·cos by ~1e-2 at s = 32).
+# Triton backend (kernels in margin_triton.py): O(B) target terms here, the B×N work in the kernels
 # --------------------------------------------------------------------------------------------------
-
-
-@jit
-def _ms_rows(ptr, idx, imask, stride, dofs, dmask):
-    """Rows ``idx`` of a [*, D] matrix as an fp32 [len(idx), BLOCK_D] block (bf16 is loaded then widened:
-    the interpreter mis-handles bf16 arithmetic)."""
-    v = tl.load(ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
-    return v.to(tl.float32)
-
-
-@jit
-def _ms_cos(xb, wb, ix, iw):
-    """cos tile [rows, cols] of unnormalised blocks, given their inverse norms (ix may carry the scale s)."""
-    return tl.dot(xb, tl.trans(wb), input_precision="ieee") * ix[:, None] * iw[None, :]
-
-
-@jit
-def _ms_row_terms(ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask):
-    """Per-row backward terms: inverse norm, label, s·ψ, lse, g_lse, g_target, dψ/dc."""
-    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
-    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
-    gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
-    dpsi = tl.load(dpsi_ptr + rows, mask=rmask, other=0.0)
-    return ix, lab, tg, lse, gl, gt, dpsi
-
-
-@jit
-def _ms_fwd_kernel(
-    x_ptr,
-    w_ptr,
-    ix_ptr,
-    iw_ptr,
-    lab_ptr,
-    tgt_ptr,
-    lse_ptr,
-    B,
-    N,
-    D,
-    s_x,
-    s_w,
-    scale,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    rmask = rows < B
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
-    ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0) * scale
-    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    tg = tl.load(tgt_ptr + rows, mask=rmask, other=0.0)
-    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_B], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < N
-        wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
-        z = _ms_cos(xb, wb, ix, tl.load(iw_ptr + cols, mask=cmask, other=0.0))
-        z = tl.where(cols[None, :] == lab[:, None], tg[:, None], z)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m = m_new
-    tl.store(lse_ptr + rows, m + tl.log(acc), mask=rmask)
-
-
-@jit
-def _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale):
-    """d loss / d cos for a [BLOCK_B, BLOCK_N] tile of raw logits z = s·cos (target column: s·ψ)."""
-    is_t = cols[None, :] == lab[:, None]
-    z = tl.where(is_t, tg[:, None], z)
-    p = tl.exp(z - lse[:, None])
-    return tl.where(is_t, scale * dpsi[:, None] * (gl[:, None] * p + gt[:, None]), scale * gl[:, None] * p)
-
-
-@jit
-def _ms_bwd_dx_kernel(
-    x_ptr,
-    w_ptr,
-    ix_ptr,
-    iw_ptr,
-    lab_ptr,
-    tgt_ptr,
-    lse_ptr,
-    gl_ptr,
-    gt_ptr,
-    dpsi_ptr,
-    dxh_ptr,
-    B,
-    N,
-    D,
-    s_x,
-    s_w,
-    scale,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # dX_hat[i] = Σ_j dcos_ij · W_hat[j]   (one program per block of rows: no shared writes)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    rmask = rows < B
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
-    ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
-        ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
-    )
-    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < N
-        wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
-        iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-        d = _ms_dcos(_ms_cos(xb, wb, ix * scale, iw), cols, lab, tg, lse, gl, gt, dpsi, scale)
-        d = tl.where(cmask[None, :], d * iw[None, :], 0.0)
-        acc += tl.dot(d, wb, input_precision="ieee")
-    tl.store(dxh_ptr + rows[:, None] * BLOCK_D + dofs[None, :], acc, mask=rmask[:, None] & dmask[None, :])
-
-
-@jit
-def _ms_bwd_dw_kernel(
-    x_ptr,
-    w_ptr,
-    ix_ptr,
-    iw_ptr,
-    lab_ptr,
-    tgt_ptr,
-    lse_ptr,
-    gl_ptr,
-    gt_ptr,
-    dpsi_ptr,
-    dwh_ptr,
-    B,
-    N,
-    D,
-    s_x,
-    s_w,
-    scale,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # dW_hat[j] = Σ_i dcos_ij · X_hat[i]   (one program per block of classes: no shared writes)
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cmask = cols < N
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    wb = _ms_rows(w_ptr, cols, cmask, s_w, dofs, dmask)
-    iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        rmask = rows < B
-        xb = _ms_rows(x_ptr, rows, rmask, s_x, dofs, dmask)
-        ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
-            ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
-        )
-        d = _ms_dcos(_ms_cos(xb, wb, ix * scale, iw), cols, lab, tg, lse, gl, gt, dpsi, scale)
-        d = tl.where(rmask[:, None], d * ix[:, None], 0.0)
-        acc += tl.dot(tl.trans(d), xb, input_precision="ieee")
-    tl.store(dwh_ptr + cols[:, None] * BLOCK_D + dofs[None, :], acc, mask=cmask[:, None] & dmask[None, :])
-
-
-def _blocks(D: int) -> dict:
-    # Big tiles: the interpreter's cost is per program step; on a GPU these are fine defaults for D ≤ 512.
-    bd = max(16, triton.next_power_of_2(D))
-    bn = 64 if bd <= 128 else 32
-    return {"BLOCK_B": 32, "BLOCK_N": bn, "BLOCK_D": bd}
 
 
 def _inv_norms(a: Tensor) -> Tensor:
@@ -253,44 +76,20 @@ def _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3):
 
 def _triton_fwd(x, w, labels, scale, m1, m2, m3):
     x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
-    B, D = x.shape
-    N = w.shape[0]
     ix, iw = _inv_norms(x), _inv_norms(w)
     tgt, _ = _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3)
-    lse = torch.empty(B, dtype=torch.float32, device=x.device)
-    if B > 0:
-        bl = _blocks(D)
-        grid = (triton.cdiv(B, bl["BLOCK_B"]),)
-        _ms_fwd_kernel[grid](x, w, ix, iw, labels, tgt, lse, B, N, D, x.stride(0), w.stride(0), scale, **bl)
-    return lse, tgt
+    return margin_triton.triton_lse(x, w, labels, ix, iw, tgt, scale), tgt
 
 
 def _triton_bwd(g_lse, g_tgt, x, w, labels, lse, scale, m1, m2, m3, need_x, need_w):
     x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
-    B, D = x.shape
-    N = w.shape[0]
     ix, iw = _inv_norms(x), _inv_norms(w)
     tgt, dpsi = _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3)
     gl, gt = g_lse.float().contiguous(), g_tgt.float().contiguous()
-    bl = _blocks(D)
-    bd = bl["BLOCK_D"]
-    args = (ix, iw, labels, tgt, lse.float().contiguous(), gl, gt, dpsi)
-    gx = x.new_empty(0)
-    gw = w.new_empty(0)
-    if need_x:
-        dxh = torch.zeros(B, bd, dtype=torch.float32, device=x.device)
-        if B > 0:
-            _ms_bwd_dx_kernel[(triton.cdiv(B, bl["BLOCK_B"]),)](
-                x, w, *args, dxh, B, N, D, x.stride(0), w.stride(0), scale, **bl
-            )
-        gx = _through_norm(dxh[:, :D], x, ix).to(x.dtype)
-    if need_w:
-        dwh = torch.zeros(N, bd, dtype=torch.float32, device=w.device)
-        if B > 0:
-            _ms_bwd_dw_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
-                x, w, *args, dwh, B, N, D, x.stride(0), w.stride(0), scale, **bl
-            )
-        gw = _through_norm(dwh[:, :D], w, iw).to(w.dtype)
+    row_args = (ix, iw, labels, tgt, lse.float().contiguous(), gl, gt, dpsi)
+    dxh, dwh = margin_triton.triton_grads(x, w, row_args, scale, need_x, need_w)
+    gx = _through_norm(dxh, x, ix).to(x.dtype) if need_x else x.new_empty(0)
+    gw = _through_norm(dwh, w, iw).to(w.dtype) if need_w else w.new_empty(0)
     return gx, gw
 
 

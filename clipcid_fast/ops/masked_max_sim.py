@@ -33,6 +33,9 @@ from torch import Tensor
 from .. import _validate, reference
 from .._backend import resolve
 from ._triton import jit, tl, triton
+from ._triton_tiles import warps_for
+
+TRITON_TILE_MAX = 128
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernel: program per column block of Y; loop over the row blocks of A (for the masked op only the
@@ -41,7 +44,7 @@ from ._triton import jit, tl, triton
 # --------------------------------------------------------------------------------------------------
 
 
-@jit
+@jit(do_not_specialize=("M_rows", "N", "D"))  # one compiled kernel for every cluster size (strides still are)
 def _max_sim_kernel(
     a_ptr,
     y_ptr,
@@ -112,11 +115,13 @@ def _triton_max_sim(a: Tensor, y: Tensor, masked: bool, tile: int) -> tuple[Tens
         return m, idx
     ia = _inv_norms(a)
     iy = ia if masked else _inv_norms(y)
-    block = triton.next_power_of_2(tile) if tile > 0 else 64  # Triton blocks are powers of two
+    # Triton blocks are powers of two; ≤ 128 keeps the fp32 [block, block] accumulator (8 warps) and the
+    # [block, 64] operand tiles inside an sm80 / sm90 thread block (see _triton_tiles.py).
+    block = min(TRITON_TILE_MAX, triton.next_power_of_2(tile)) if tile > 0 else 64
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     _max_sim_kernel[(triton.cdiv(n, block),)](
         a, y, ia, iy, m, idx, a.shape[0], n, D, a.stride(0), y.stride(0),
-        MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+        MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps_for(block, block),
     )  # fmt: skip
     return m, idx
 
@@ -266,7 +271,8 @@ def masked_max_similarity(
 
     ``impl``: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``. dtypes: float32 and bfloat16 go to the
     kernels as stored (fp32 math); float16 is widened to float32 first; float64 runs the reference.
-    ``tile``: block size (0 = the backend's default; results do not depend on it beyond fp32 rounding).
+    ``tile``: block size (0 = the backend's default; results do not depend on it beyond fp32 rounding; Triton
+    rounds it up to a power of two, at most 128; the CUDA C++ kernel has fixed 64 × 64 tiles).
     Validation: not a 2-d float tensor, no rows or no features → ``ValueError``; with ``check_values``
     (default; one host sync) also NaN / inf rows and zero rows, naming the row. Forward only.
     """
