@@ -127,6 +127,9 @@ class EvalConfig:
         default="zeroshot,retrieval,linear_probe", metadata=_help("comma-separated: zeroshot, retrieval, linear_probe")
     )
     batch_size: int = dataclasses.field(default=512, metadata=_help("images per forward"))
+    eval_samples: int = dataclasses.field(
+        default=0, metadata=_help("held-out images evaluated: a seeded subset of N (0 = the whole split)")
+    )
     probe_train_samples: int = dataclasses.field(
         default=10000, metadata=_help("linear probe: training images (a seeded subset of the train split)")
     )
@@ -271,7 +274,49 @@ class TrainConfig:
     ckpt_every: int = dataclasses.field(default=50, metadata=_help("checkpoint every N steps (and at the end)"))
     resume: bool = dataclasses.field(default=False, metadata=_help("continue from out_dir's latest checkpoint"))
     impl: str = dataclasses.field(default="auto", metadata=_help("loss backend: auto or reference"))
+    dedup_captions: bool = dataclasses.field(
+        default=True, metadata=_help("encode each distinct caption of a batch once (exact; a no-op on unique captions)")
+    )
     progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    weights: RecipeWeights = dataclasses.field(default_factory=RecipeWeights)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """``clipcid-fast demo`` (``pipeline/demo.py``): embed → balance → cluster → train every recipe → eval → report.
+
+    ``quick`` lays ``demo.QUICK`` (reduced sizes, a 1-epoch teacher) under the YAML and the flags, so a flag
+    given with ``--quick`` still wins.
+    """
+
+    out_dir: str = dataclasses.field(default="runs/demo", metadata=_help("every stage's outputs and the report"))
+    quick: bool = dataclasses.field(
+        default=False, metadata=_help("reduced sizes for CI (pipeline/demo.py QUICK; about 2-3 min on 2 cores)")
+    )
+    recipes: str = dataclasses.field(
+        default="cid,rd,kd,distill,baseline", metadata=_help("comma-separated recipes to train and evaluate")
+    )
+    steps: int = dataclasses.field(default=300, metadata=_help("training steps of every recipe"))
+    batch_size: int = dataclasses.field(default=256, metadata=_help("training batch size of every recipe"))
+    seed: int = dataclasses.field(default=0, metadata=_help("training seed (student init, data order)"))
+    train_eval_every: int = dataclasses.field(
+        default=100, metadata=_help("zero-shot on train_eval_samples held-out images every N steps (0 = off)")
+    )
+    train_eval_samples: int = dataclasses.field(default=2000, metadata=_help("held-out images of that check"))
+    balance_k: int = dataclasses.field(default=64, metadata=_help("balance: k-means clusters of the semdedup pass"))
+    balance_eps: float = dataclasses.field(
+        default=0.002, metadata=_help("balance: the eps whose keep mask cid trains on (added to the grid)")
+    )
+    balance_eps_grid: list[float] = dataclasses.field(
+        default_factory=lambda: [0.0005, 0.001, 0.002, 0.003, 0.005, 0.01],
+        metadata=_help("balance: every eps measured (removed fraction printed per eps)"),
+    )
+    n_classes: int = dataclasses.field(default=100, metadata=_help("cluster: pseudo-classes of the kept rows"))
+    eval_samples: int = dataclasses.field(default=0, metadata=_help("eval: held-out images (0 = the whole split)"))
+    probe_train_samples: int = dataclasses.field(default=10000, metadata=_help("eval: linear-probe training images"))
+    progress: bool = dataclasses.field(default=True, metadata=_help("progress bars"))
     weights: RecipeWeights = dataclasses.field(default_factory=RecipeWeights)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)

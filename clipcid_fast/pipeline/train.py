@@ -234,7 +234,7 @@ def run_train(cfg: TrainConfig) -> dict:
     builder = BatchBuilder(dataset, train_index, cache, labels)
     t_scale = None
     if teacher is not None:
-        t_scale = torch.tensor(float(teacher.model.logit_scale.exp()))
+        t_scale = teacher.model.logit_scale.detach().exp().clone()
 
     # -- recipe, optimizer, schedule
     t_dim = teacher.info["embed_dim"] if teacher is not None else student.info["embed_dim"]
@@ -261,7 +261,7 @@ def run_train(cfg: TrainConfig) -> dict:
     write_config(cfg, out)
     # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
     atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
-    metrics = open(metrics_path, "a")
+    metrics = open(metrics_path, "a", buffering=1)  # line-buffered: `tail -f` shows every step
 
     def save(step: int) -> None:
         metrics.flush()
@@ -281,7 +281,14 @@ def run_train(cfg: TrainConfig) -> dict:
         batch = builder(stream.rows(step))
         images, texts = batch["image"].to(device), batch["text"].to(device)
         with autocast:
-            img, txt = model.encode_image(images), model.encode_text(texts)
+            img = model.encode_image(images)
+            if cfg.dedup_captions:
+                # class-prompt corpora repeat captions: each distinct token row is encoded once and indexed
+                # back (rows are independent through the text tower; backward sums the copies' gradients)
+                distinct, inverse = torch.unique(texts, dim=0, return_inverse=True)
+                txt = model.encode_text(distinct)[inverse]
+            else:
+                txt = model.encode_text(texts)
             if teacher is not None and cfg.online_teacher:
                 with torch.no_grad():
                     t_img, t_txt = models.normalized_features(teacher.model, images, texts)
@@ -308,7 +315,7 @@ def run_train(cfg: TrainConfig) -> dict:
         with torch.no_grad():
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         record = {"step": step + 1, "epoch": round(stream.epoch_of(step + 1), 6), "loss": total, **values,
-                  "lr": opt.param_groups[0]["lr"], "logit_scale": float(model.logit_scale.exp())}  # fmt: skip
+                  "lr": opt.param_groups[0]["lr"], "logit_scale": float(model.logit_scale.detach().exp())}  # fmt: skip
         if probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             record.update(probe(model))
         log(record)
