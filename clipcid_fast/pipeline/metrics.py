@@ -35,7 +35,10 @@ class ZeroShotAccumulator:
 
     def __init__(self, classifier: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
         self.w = classifier.float()
-        self.topk = tuple(k for k in topk if k <= self.w.shape[0])
+        # top-k past the number of classes is always 1; such k are dropped (top5 of a 3-class task is not reported)
+        self.topk = tuple(k for k in topk if 1 <= k <= self.w.shape[0])
+        if not self.topk:
+            raise ValueError(f"zero-shot: topk {tuple(topk)} has no k in [1, {self.w.shape[0]} classes]")
         n = self.w.shape[0]
         self.correct = dict.fromkeys(self.topk, 0)
         self.per_class_correct = torch.zeros(n, dtype=torch.long)
@@ -43,13 +46,15 @@ class ZeroShotAccumulator:
         self.count = 0
 
     def update(self, image_features: torch.Tensor, labels: torch.Tensor) -> None:
+        n = self.w.shape[0]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            raise ValueError(f"zero-shot: labels must be in [0, {n}), got {int(labels.min())}..{int(labels.max())}")
         logits = image_features.float() @ self.w.T
         kmax = max(self.topk)
         top = logits.topk(kmax, dim=1).indices
         hit = top == labels[:, None]
         for k in self.topk:
             self.correct[k] += int(hit[:, :k].any(dim=1).sum())
-        n = self.w.shape[0]
         self.per_class_total += torch.bincount(labels, minlength=n)
         self.per_class_correct += torch.bincount(labels[hit[:, 0]], minlength=n)
         self.count += labels.numel()

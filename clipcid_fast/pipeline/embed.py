@@ -1,0 +1,554 @@
+"""Embed: a frozen model's image and caption features -> float16 ``.npy`` shards (the input of balance, cluster, train).
+
+Output directory ``out_dir``::
+
+    image/00000.npy   float16 [rows, D]  L2-normalised image features
+    text/00000.npy    float16 [rows, D]  L2-normalised caption features (row i: the caption of image row i)
+    ids/00000.npy     int64 [rows]       sample ids
+    labels/00000.npy  int64 [rows]       class labels (-1 where the source has none)
+    manifest.json     written first: model (name, fingerprint, model_cfg), dataset identity, shard_rows
+    embed.json        written last: model (+ logit_scale, exp'd), dataset (the DataConfig + corpus summary),
+                      count, dim, dtype, shard_rows, shards, normalized, seconds, images_per_second
+    config.yaml       the resolved EmbedConfig
+
+Rows are the dataset's natural order (no shuffle); shard k holds rows ``[k·shard_rows, (k+1)·shard_rows)``, so
+``clipcid-fast balance --embeddings out_dir/image --ids out_dir/ids`` reads them in row order (file-name order).
+
+Resume: each shard's four files are written atomically once the shard is complete. A restarted run with the same
+model (fingerprint + config), dataset and ``shard_rows`` skips the shards already on disk; a different one is
+refused (manifest.json / embed.json), so features of two models never mix. Batches never straddle a shard (a
+shard's batches are ``[start, start + batch_size), ...`` from its first row), so a shard's bytes do not depend on
+where a run started: a killed and restarted run ends byte-identical to an uninterrupted one.
+
+Text features: captions repeat (class prompts), so each shard's distinct captions are encoded once, in chunks of
+``batch_size``, and indexed back. That is a function of the shard alone (resume-safe); on the towers checked (the
+stock ViT-S-32 text transformer, a shrunk copy of it, MiniLM-L6 through open_clip's HF encoder) the float16 rows
+were byte-identical to encoding every caption in its image batch (``python_tests/test_embed.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from ._io import atomic_json, atomic_npy, clean_tmp
+from .config import EmbedConfig, to_dict, write_config
+from .data import build_dataset, collate
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+SHARD_DIRS = ("image", "text", "ids", "labels")
+# Five-digit names sort in row order; balance concatenates a directory's shards in file-name order.
+MAX_SHARDS = 100_000
+_SHARD_FILE = re.compile(r"^(\d{5})\.npy$")
+FORMAT = 1
+
+
+def shard_name(k: int) -> str:
+    return f"{k:05d}.npy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# features (shared with evaluate)
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's weights live and their floating dtype (images are cast to it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def image_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 image features on the CPU, [B, D]; call under ``torch.inference_mode``."""
+    device, dtype = model_device_dtype(model)
+    f = model.encode_image(images.to(device=device, dtype=dtype))
+    return F.normalize(f.float(), dim=-1).cpu()
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L2-normalised float32 features of token rows [n, L], encoded ``batch_size`` rows at a time; [n, D] on CPU."""
+    device, _ = model_device_dtype(model)
+    parts = [
+        F.normalize(model.encode_text(tokens[s : s + batch_size].to(device)).float(), dim=-1).cpu()
+        for s in range(0, tokens.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a run embeds, and the refusal when a directory holds another run
+
+
+def _plain(obj):
+    """JSON's view of ``obj`` (tuples become lists), so stored and fresh values compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def model_meta(loaded: LoadedModel) -> dict:
+    scale = getattr(loaded.model, "logit_scale", None)
+    return {
+        "name": loaded.name,
+        "fingerprint": loaded.fingerprint,
+        "model_cfg": _plain(loaded.model_cfg),
+        "logit_scale": None if scale is None else float(torch.as_tensor(scale).detach().float().exp()),
+        "info": _plain(loaded.info),
+    }
+
+
+def dataset_identity(data: dict) -> dict:
+    """The DataConfig fields that decide which rows, in which order, with which captions. ``workers`` changes only
+    the speed of a map-style source; a webdataset's DataLoader workers interleave its shards, so there it counts."""
+    out = {k: v for k, v in data.items() if k != "summary"}
+    if out.get("dataset") != "wds":
+        out.pop("workers", None)
+    return out
+
+
+def _run_identity(meta: dict) -> dict:
+    return {
+        "fingerprint": meta["model"]["fingerprint"],
+        "model_cfg": meta["model"]["model_cfg"],
+        "dataset": dataset_identity(meta["dataset"]),
+        "shard_rows": meta["shard_rows"],
+    }
+
+
+def first_difference(stored: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first key (dotted path, sorted order) whose value differs between two nested dicts, with both values."""
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _refuse_other_run(out_dir: str, stored: dict, current: dict, source: str) -> None:
+    found = first_difference(_run_identity(stored), _run_identity(current))
+    if found:
+        key, a, b = found
+        field = f"model {key}" if key == "fingerprint" or key.startswith("model_cfg") else key
+        raise ValueError(
+            f"embed: {out_dir!r} holds another run's features ({source}: {field} = {_short(a)}, this run's = "
+            f"{_short(b)}); features of two runs never mix: use another out_dir or delete that one"
+        )
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards on disk
+
+
+def _shard_rows_on_disk(out_dir: str, k: int) -> int | None:
+    """Rows of shard k if its four files are all there and agree, else None (a killed run's half-written shard)."""
+    rows = set()
+    for sub in SHARD_DIRS:
+        path = os.path.join(out_dir, sub, shard_name(k))
+        if not os.path.isfile(path):
+            return None
+        try:
+            rows.add(np.load(path, mmap_mode="r").shape[0])
+        except (ValueError, OSError):
+            return None
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _shards_listed(out_dir: str) -> list[int]:
+    names = os.listdir(os.path.join(out_dir, "image"))
+    return sorted(int(m.group(1)) for m in map(_SHARD_FILE.match, names) if m)
+
+
+class _ShardBuffer:
+    """The rows of one shard as its batches come; written (four files, each atomic) once complete."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.image: list[np.ndarray] = []
+        self.tokens: list[torch.Tensor] = []
+        self.captions: list[str] = []
+        self.ids: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, batch: dict, image_rows: torch.Tensor) -> None:
+        self.image.append(image_rows.to(torch.float16).numpy())
+        self.tokens.append(batch["text"])
+        self.captions += batch["caption"]
+        self.ids.append(batch["id"].numpy())
+        self.labels.append(batch["label"].numpy())
+        self.rows += len(batch["caption"])
+
+    def write(self, out_dir: str, model: torch.nn.Module, batch_size: int) -> int:
+        first, inverse = _distinct_captions(self.captions)
+        tokens = torch.cat(self.tokens)[first]
+        text = text_features(model, tokens, batch_size).to(torch.float16).numpy()[inverse]
+        name = shard_name(self.k)
+        # Image and text before ids / labels: a reader (and resume) counts a shard only once all four exist.
+        atomic_npy(os.path.join(out_dir, "image", name), np.concatenate(self.image))
+        atomic_npy(os.path.join(out_dir, "text", name), text)
+        atomic_npy(os.path.join(out_dir, "ids", name), np.concatenate(self.ids).astype(np.int64))
+        atomic_npy(os.path.join(out_dir, "labels", name), np.concatenate(self.labels).astype(np.int64))
+        return self.rows
+
+
+def _distinct_captions(captions: list[str]) -> tuple[list[int], np.ndarray]:
+    """Index of each distinct caption's first occurrence (in order of appearance) and each caption's distinct index."""
+    first: dict[str, int] = {}
+    positions: list[int] = []
+    inverse = np.empty(len(captions), dtype=np.int64)
+    for i, caption in enumerate(captions):
+        j = first.get(caption)
+        if j is None:
+            j = first[caption] = len(positions)
+            positions.append(i)
+        inverse[i] = j
+    return positions, inverse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches that never straddle a shard
+
+
+def _as_is(item):
+    return item
+
+
+def _map_style_batches(ds, pending: list[int], n: int, shard_rows: int, batch_size: int, workers: int):
+    """(shard, batch) for the pending shards of a map-style set, each shard cut into batches from its first row."""
+    index_batches, shard_of = [], []
+    for k in pending:
+        hi = min(n, (k + 1) * shard_rows)
+        for lo in range(k * shard_rows, hi, batch_size):
+            index_batches.append(list(range(lo, min(lo + batch_size, hi))))
+            shard_of.append(k)
+    loader = DataLoader(ds, batch_sampler=index_batches, collate_fn=collate, num_workers=workers)
+    yield from zip(shard_of, loader)
+
+
+def _stream_batches(ds, done: set[int], shard_rows: int, batch_size: int, workers: int):
+    """(shard, batch) for an iterable set: read from the start (no length, no random access), rows of finished
+    shards dropped before encoding, batches cut exactly as ``_map_style_batches`` cuts them."""
+    loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=workers)
+    items: list[dict] = []
+    row = 0
+    for item in loader:
+        k = row // shard_rows
+        if k >= MAX_SHARDS:
+            raise ValueError(f"shard_rows {shard_rows} gives more than {MAX_SHARDS} shards: raise it")
+        row += 1
+        if k in done:
+            continue
+        items.append(item)
+        if len(items) == batch_size or row % shard_rows == 0:
+            yield k, collate(items)
+            items = []
+    if items:
+        yield (row - 1) // shard_rows, collate(items)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _check_config(cfg: EmbedConfig) -> None:
+    for name in ("batch_size", "shard_rows"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not cfg.out_dir:
+        raise ValueError("out_dir must name a directory, got an empty string")
+
+
+def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
+    """Embed ``cfg.data`` with the frozen ``cfg.model`` into ``cfg.out_dir``, resuming what is there; embed.json.
+
+    ``loaded``: an already loaded model to use instead of ``load_model(cfg.models, cfg.model)``.
+    """
+    _check_config(cfg)
+    if loaded is None:
+        from .models import load_model
+
+        loaded = load_model(cfg.models, cfg.model, progress=cfg.progress, data_cfg=cfg.data)
+    out_dir = cfg.out_dir
+    ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
+    dataset_meta = to_dict(cfg.data)
+    if hasattr(ds, "summary"):
+        dataset_meta["summary"] = _plain(ds.summary())
+    meta = {"format": FORMAT, "model": model_meta(loaded), "dataset": dataset_meta, "shard_rows": cfg.shard_rows}
+
+    for sub in SHARD_DIRS:
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    manifest_path, summary_path = os.path.join(out_dir, "manifest.json"), os.path.join(out_dir, "embed.json")
+    for path in (manifest_path, summary_path):
+        stored = _read_json(path)
+        if stored is not None:
+            _refuse_other_run(out_dir, stored, meta, os.path.basename(path))
+    clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in SHARD_DIRS))
+    if not os.path.isfile(manifest_path):
+        atomic_json(manifest_path, meta)
+    write_config(cfg, out_dir)
+
+    iterable = isinstance(ds, IterableDataset)
+    rows = cfg.shard_rows
+    if iterable:
+        # No length: reuse the full shards; a short one may be a killed run's last, so it is redone (cheap).
+        done = {k for k in _shards_listed(out_dir) if _shard_rows_on_disk(out_dir, k) == rows}
+        total = max(0, int(getattr(ds, "num_samples", 0)) - len(done) * rows) if _countable(ds) else None
+    else:
+        n = len(ds)
+        n_shards = math.ceil(n / rows)
+        if n_shards > MAX_SHARDS:
+            raise ValueError(f"shard_rows {rows} gives {n_shards} shards for {n} rows (at most {MAX_SHARDS}): raise it")
+        expected = [min(rows, n - k * rows) for k in range(n_shards)]
+        pending = [k for k in range(n_shards) if _shard_rows_on_disk(out_dir, k) != expected[k]]
+        total = sum(expected[k] for k in pending)
+
+    finished = _read_json(summary_path)
+    if finished is not None and _complete(out_dir, finished):
+        print(f"embed: {out_dir} is complete ({finished['count']} rows); nothing to do")
+        return finished
+
+    workers = cfg.data.workers
+    batches = (
+        _stream_batches(ds, done, rows, cfg.batch_size, workers)
+        if iterable
+        else _map_style_batches(ds, pending, n, rows, cfg.batch_size, workers)
+    )
+    # A shard is written as soon as it holds all its rows (a webdataset's short last one: when the stream ends).
+    shard_size = (lambda k: rows) if iterable else (lambda k: expected[k])
+    embedded = _embed_batches(loaded.model, batches, shard_size, out_dir, cfg, total)
+    seconds, images = embedded["seconds"], embedded["rows"]
+
+    shards = _shards_listed(out_dir)
+    if shards != list(range(len(shards))) or any(_shard_rows_on_disk(out_dir, k) is None for k in shards):
+        raise ValueError(f"embed: {out_dir!r}: shards are missing after the run ({shards[:5]}…); rerun to redo them")
+    first_image = np.load(os.path.join(out_dir, "image", shard_name(0)), mmap_mode="r") if shards else None
+    summary = {
+        **meta,
+        "count": int(sum(_shard_rows_on_disk(out_dir, k) for k in shards)),
+        "dim": int(first_image.shape[1]) if first_image is not None else 0,
+        "dtype": "float16",
+        "shards": len(shards),
+        "normalized": True,
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+    }
+    atomic_json(summary_path, summary)
+    rate = f"{images / seconds:.1f} images/s" if seconds > 0 else "no new images"
+    print(f"embed: {images} images in {seconds:.1f} s ({rate}); {summary['count']} rows in {out_dir}")
+    return summary
+
+
+def _complete(out_dir: str, summary: dict) -> bool:
+    """Whether every shard embed.json lists is on disk with the rows it counts."""
+    sizes = [_shard_rows_on_disk(out_dir, k) for k in range(summary["shards"])]
+    return None not in sizes and sum(sizes) == summary["count"] and _shards_listed(out_dir) == list(range(len(sizes)))
+
+
+def _countable(ds) -> bool:
+    try:
+        return int(ds.num_samples) >= 0
+    except (AttributeError, ValueError):
+        return False
+
+
+def _embed_batches(model: torch.nn.Module, batches, shard_size, out_dir: str, cfg: EmbedConfig, total: int | None):
+    """Encode the batches and write each shard once complete; the rows done and the seconds they took."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    rows, start = 0, time.perf_counter()
+    bar = tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            current: _ShardBuffer | None = None
+            for k, batch in batches:
+                if current is not None and current.k != k:
+                    rows += current.write(out_dir, model, cfg.batch_size)
+                    current = None
+                if current is None:
+                    current = _ShardBuffer(k)
+                current.add(batch, image_features(model, batch["image"]))
+                if current.rows == shard_size(k):
+                    rows += current.write(out_dir, model, cfg.batch_size)
+                    current = None
+                bar.update(len(batch["caption"]))
+                bar.set_postfix(shard=k, refresh=False)
+            if current is not None:
+                rows += current.write(out_dir, model, cfg.batch_size)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading: what the later stages call
+
+
+class ShardedRows:
+    """Rows ``[n, D]`` (or ``[n]``) of a list of memory-mapped shards, read on indexing, never loaded whole.
+
+    ``rows[i]``, ``rows[a:b]`` (step 1) and ``rows[index_array]`` (any order, repeats allowed) return numpy arrays
+    of the stored dtype; ``np.asarray(rows)`` reads everything.
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(a) for a in shards]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), *shards[0].shape[1:]) if shards else (0,)
+        self.dtype = shards[0].dtype if shards else np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[0 : len(self)]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index):
+        n = len(self)
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (n if index < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {index} out of range for {n} rows")
+            s = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return np.asarray(self.shards[s][i - self.starts[s]])
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            parts = [
+                a[max(start - lo, 0) : min(stop, lo + len(a)) - lo]
+                for a, lo in zip(self.shards, self.starts[:-1])
+                if lo < stop and lo + len(a) > start
+            ]
+            return np.concatenate(parts) if parts else np.empty((0, *self.shape[1:]), self.dtype)
+        rows = np.asarray(index, dtype=np.int64)
+        if rows.ndim != 1:
+            raise IndexError(f"index arrays must be 1-D, got shape {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row indices must be in [0, {n}), got {int(rows.min())}..{int(rows.max())}")
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = shard == s
+            out[at] = self.shards[s][rows[at] - self.starts[s]]
+        return out
+
+
+class IdIndex:
+    """Sample id -> row of an embedding directory (the trainer reads teacher features by id)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted = ids[self.order]
+        repeat = np.flatnonzero(self.sorted[1:] == self.sorted[:-1])
+        self.repeated = None
+        if repeat.size:
+            j = int(repeat[0])
+            self.repeated = (int(self.sorted[j]), int(self.order[j]), int(self.order[j + 1]))
+
+    def __call__(self, ids) -> np.ndarray:
+        """Rows (int64) of the given ids; an id that is not there, or that repeats, is a ValueError."""
+        if self.repeated is not None:
+            sid, a, b = self.repeated
+            raise ValueError(f"embeddings: id {sid} is at rows {a} and {b}: ids repeat, so no id -> row lookup")
+        query = np.asarray(ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, query), max(len(self.sorted) - 1, 0))
+        missing = ~(self.sorted[pos] == query) if len(self.sorted) else np.ones(query.shape, bool)
+        if missing.any():
+            raise ValueError(
+                f"embeddings: {int(missing.sum())} of {query.size} ids are not embedded (the first: "
+                f"{int(query[missing].flat[0])}); embed the corpus that holds them"
+            )
+        return self.order[pos]
+
+
+def _expected_fields(expect, fields_of) -> dict:
+    if expect is None:
+        return {}
+    if isinstance(expect, dict):
+        return expect
+    return fields_of(expect)
+
+
+def _loaded_fields(expect) -> dict:
+    if isinstance(expect, str):
+        return {"fingerprint": expect}
+    return {"fingerprint": expect.fingerprint}
+
+
+def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
+    """Memory-map a finished embed directory; check it holds what the caller expects.
+
+    ``expect_model``: a LoadedModel, a fingerprint string, or a dict of ``embed.json["model"]`` fields.
+    ``expect_dataset``: a DataConfig (its identity fields must all match) or a dict of fields, looked up in
+    ``embed.json["dataset"]`` and then in its corpus ``summary`` (e.g. ``{"corpus": "teacher"}``).
+    A mismatch is one ValueError line naming the field and both values.
+
+    Returns ``{"image": ShardedRows [n, D] float16, "text": ShardedRows [n, D], "ids": int64 [n],
+    "labels": int64 [n], "meta": embed.json, "row_of": IdIndex}`` (``row_of(ids)`` -> rows).
+    """
+    summary_path = os.path.join(path, "embed.json")
+    meta = _read_json(summary_path)
+    if meta is None:
+        what = "an unfinished embed run (rerun clipcid-fast embed)" if os.path.isdir(path) else "missing"
+        raise ValueError(f"embeddings {path!r}: no embed.json ({what})")
+    model_fields = _expected_fields(expect_model, _loaded_fields)
+    dataset_fields = _expected_fields(expect_dataset, lambda c: dataset_identity(to_dict(c)))
+    for key, value in model_fields.items():
+        if _plain(value) != meta["model"].get(key, "<absent>"):
+            raise ValueError(
+                f"embeddings {path!r}: model {key} is {_short(meta['model'].get(key, '<absent>'))}, "
+                f"expected {_short(value)} (embedded by another model)"
+            )
+    stored_dataset = meta["dataset"]
+    for key, value in dataset_fields.items():
+        have = stored_dataset.get(key, stored_dataset.get("summary", {}).get(key, "<absent>"))
+        if _plain(value) != have:
+            raise ValueError(f"embeddings {path!r}: dataset field {key!r} is {_short(have)}, expected {_short(value)}")
+
+    columns: dict[str, list[np.ndarray]] = {sub: [] for sub in SHARD_DIRS}
+    for k in range(meta["shards"]):
+        for sub in SHARD_DIRS:
+            file = os.path.join(path, sub, shard_name(k))
+            if not os.path.isfile(file):
+                raise ValueError(f"embeddings {path!r}: {sub}/{shard_name(k)} is missing (embed.json lists it)")
+            columns[sub].append(np.load(file, mmap_mode="r"))
+        sizes = {len(columns[sub][-1]) for sub in SHARD_DIRS}
+        if len(sizes) != 1:
+            raise ValueError(f"embeddings {path!r}: shard {shard_name(k)} has different row counts {sorted(sizes)}")
+    image, text = ShardedRows(columns["image"]), ShardedRows(columns["text"])
+    if len(image) != meta["count"]:
+        raise ValueError(f"embeddings {path!r}: {len(image)} rows on disk, embed.json counts {meta['count']}")
+    ids = np.concatenate(columns["ids"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
+    labels = np.concatenate(columns["labels"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
+    return {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": IdIndex(ids)}
