@@ -395,21 +395,31 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def warm_up() -> float:
+def warm_up(device: str = "cpu") -> float:
     """One-time process costs that would otherwise land in the first stage using them (the first call of a
-    torch.library custom op imports torch._dynamo, ~2 s; the merge's plot imports matplotlib); seconds."""
+    torch.library custom op imports torch._dynamo, ~2 s; on a GPU the kernels compile; the merge's plot
+    imports matplotlib, when it is installed); seconds."""
     from clipcid_fast.ops.masked_max_sim import masked_max_similarity, nearest_centroid
 
     t0 = time.perf_counter()
     x = torch.nn.functional.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = x.to(device)
     nearest_centroid(x, x[:8], check_values=False)
     masked_max_similarity(x, check_values=False)
-    import matplotlib
+    if plot_available():
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
 
     return time.perf_counter() - t0
+
+
+def plot_available() -> bool:
+    """matplotlib is installed (a bare GPU machine may lack it: the run then writes no plot)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def probe_dedup(data_path: str, c: int, *, seed: int = 0, repeats: int = 3) -> dict:
@@ -449,21 +459,23 @@ def run_pipeline(
     balance_kwargs: dict | None = None,
 ) -> dict:
     """Run ``run_balance`` on ``data_path`` into a fresh ``out_dir``, with the mm ceiling before and after;
-    returns the per-stage figures (see the module docstring)."""
+    returns the per-stage figures (see the module docstring). ``device`` (e.g. ``"cuda"``): assignment and
+    dedup run the fused ops there (``run_balance(device=)``), and the ceiling is that device's."""
     from benchmarks.bench_mm_ceiling import measure_mm_gflops
     from clipcid_fast.pipeline import balance
 
     out = Path(out_dir)
     _fresh_dir(out)
     dev = torch.device(device)
-    warm = warm_up()
+    warm = warm_up(str(dev))
     mm_before = measure_mm_gflops(dev, torch.float32, repeats=mm_repeats)
     tracker = _StageTracker(k)
+    kwargs = {"plot": plot_available(), **({} if dev.type == "cpu" else {"device": str(dev)}), **(balance_kwargs or {})}
     t0 = time.perf_counter()
     with tracker.active():
         summary = balance.run_balance(
             data_path, str(out), k=k, eps=list(eps), seed=seed, niter=niter, progress=progress,
-            hook=tracker.hook, **(balance_kwargs or {}),
+            hook=tracker.hook, **kwargs,
         )  # fmt: skip
     wall = time.perf_counter() - t0
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
@@ -700,7 +712,7 @@ def main(argv=None) -> None:
         print(line)
     print(f"planted near-duplicate fraction {res['planted_fraction']:.4f}")
     append_rows(args.csv, csv_rows(res, str(device)))
-    if not args.no_plot:
+    if not args.no_plot and plot_available():
         png = plot(args.csv, OP, Path(args.csv).parent / f"{OP}.png", device=device_name(device))
         print(f"plot {png}")
     print(f"results in {args.csv}; total {time.perf_counter() - t_start:.1f} s; {load_note()}", flush=True)

@@ -144,11 +144,11 @@ class _ChunkedArcFace(torch.autograd.Function):
         xf, wf = x.float(), w.float()
         xh = xf / xf.norm(dim=1, keepdim=True)
         wh = wf / wf.norm(dim=1, keepdim=True)
-        lse = torch.empty(x.shape[0])
-        tgt = torch.empty(x.shape[0])
+        lse = torch.empty(x.shape[0], device=x.device)  # on the inputs' device: the GPU check runs this on CUDA
+        tgt = torch.empty(x.shape[0], device=x.device)
         for r0 in range(0, x.shape[0], _ChunkedArcFace.CHUNK):
             r1 = min(r0 + _ChunkedArcFace.CHUNK, x.shape[0])
-            rows = torch.arange(r1 - r0)
+            rows = torch.arange(r1 - r0, device=x.device)
             lab = labels[r0:r1]
             cos = xh[r0:r1] @ wh.T
             t = s * ref.combined_margin(cos[rows, lab], 1.0, m2, 0.0)
@@ -173,7 +173,7 @@ class _ChunkedArcFace(torch.autograd.Function):
         dwh = torch.zeros_like(wh)
         for r0 in range(0, B, _ChunkedArcFace.CHUNK):
             r1 = min(r0 + _ChunkedArcFace.CHUNK, B)
-            rows = torch.arange(r1 - r0)
+            rows = torch.arange(r1 - r0, device=x.device)
             lab = labels[r0:r1]
             cos = xh[r0:r1] @ wh.T
             with torch.enable_grad():

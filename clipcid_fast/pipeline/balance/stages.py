@@ -116,10 +116,14 @@ def run_balance(
     hook: Callable[..., None] | None = None,
     progress: bool = True,
     plot: bool = True,
+    device: str | None = None,
 ) -> dict:
     """Semantic balance of ``embeddings`` into ``out_dir`` (see the package docstring). Returns the summary.
 
     ``centroids``: skip k-means and use these ``[k, D]`` centres (array or .npy path).
+    ``device`` (e.g. ``"cuda"``): assignment and the per-cluster rule run the built-in fused ops there, one
+    chunk / cluster at a time from this thread (``functions.resolve_fns``); k-means, ordering and the merge
+    stay on the CPU. Results equal a CPU run's up to fp32 rounding of the cosines.
     ``hook(event, **info)`` is called after each unit of work (``"kmeans"``, ``"assign_block"``,
     ``"assign"``, ``"order"``, ``"batch_start"``, ``"batch_done"``, ``"merge"``); an exception raised
     from it stops the run there, as a kill would (the tests use it).
@@ -142,8 +146,9 @@ def run_balance(
         k = len(c_given)
     elif k > src.n:
         raise ValueError(f"k={k} clusters for only {src.n} rows")
-    max_sim_builtin = max_sim_fn is None
-    assign_fn, max_sim_fn, fn_names = resolve_fns(assign_fn, max_sim_fn)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    max_sim_builtin = max_sim_fn is None and on_cpu  # off the CPU: no worker pool (one device queue)
+    assign_fn, max_sim_fn, fn_names = resolve_fns(assign_fn, max_sim_fn, device)
     hook = hook or (lambda event, **info: None)
 
     comm = _Comm()
