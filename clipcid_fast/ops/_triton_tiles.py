@@ -3,10 +3,12 @@ they launch with.
 
 Block-size rules (why they are what they are; see also benchmarks/README.md "GPU check"):
 
-* Every ``tl.dot`` operand is at most 64 × 64 fp32 elements on the M / N side and ``K_SLICE`` along K, so a
-  software-pipelined K loop (3 stages) stays far below the shared memory of an A100 (164 KB) or H100 (228 KB)
-  block. Features are never loaded whole along D: at D = 768 a whole-row tile (1024 padded columns × 64 rows
-  × 4 bytes = 256 KB) does not fit either GPU, and would spill every register.
+* The logit tiles' ``tl.dot`` operands are at most 64 rows × ``K_SLICE`` fp32 (8 KB each), so the
+  software-pipelined K loop (3 stages: 48 KB) stays far below the shared memory of an A100 (164 KB) or H100
+  (228 KB) block. Features are never loaded whole along D: at D = 768 a whole-row tile (1024 padded columns ×
+  64 rows × 4 bytes = 256 KB) fits neither GPU, and would spill every register.
+* The gradient dots take a [64, 64] weight tile and a [64, ``D_SLICE``] slice of features (80 KB, outside
+  the pipelined loop).
 * Gradient accumulators ([rows, D]) are split along D into ``D_SLICE`` columns: a second grid axis, each
   program recomputing the logits of its row block (the K2 / K1 backward is recompute-bound by design: it never
   stores the B×B or B×N matrix). 64 × 256 fp32 over 8 warps is 64 registers a thread.

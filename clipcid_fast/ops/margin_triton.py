@@ -25,7 +25,7 @@ def _ms_cos(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """cos tile [rows, cols] of the unnormalised rows, given their inverse norms (ix may carry the scale s)."""
-    dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K)
+    dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
     return dots * ix[:, None] * iw[None, :]
 
 

@@ -115,10 +115,11 @@ def _triton_max_sim(a: Tensor, y: Tensor, masked: bool, tile: int) -> tuple[Tens
         return m, idx
     ia = _inv_norms(a)
     iy = ia if masked else _inv_norms(y)
-    # Triton blocks are powers of two; ≤ 128 keeps the fp32 [block, block] accumulator (8 warps) and the
-    # [block, 64] operand tiles inside an sm80 / sm90 thread block (see _triton_tiles.py).
+    # Triton blocks are powers of two; ≤ 128 keeps the fp32 [block, block] accumulator (8 warps) in registers,
+    # and a D slice of 64 (32 for 128-row blocks) keeps the pipelined K loop's operand buffers (3 stages of two
+    # [block, slice] fp32 tiles: 96 KB) inside an A100's 164 KB of shared memory (see _triton_tiles.py).
     block = min(TRITON_TILE_MAX, triton.next_power_of_2(tile)) if tile > 0 else 64
-    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    block_d = min(64 if block <= 64 else 32, max(16, triton.next_power_of_2(D)))
     _max_sim_kernel[(triton.cdiv(n, block),)](
         a, y, ia, iy, m, idx, a.shape[0], n, D, a.stride(0), y.stride(0),
         MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps_for(block, block),
