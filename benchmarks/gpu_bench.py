@@ -17,7 +17,7 @@ Sections (each in its own process, killed at its budget; rows reach the CSV as t
   and dedup on the device; op ``balance_pipeline``, one row per stage.
 
 Per row: p20 / p50 / p80 of the timed calls (``time_fn``: ``torch.cuda.synchronize`` around each call), the
-peak extra device memory of one more call (``max_memory_allocated`` − ``memory_allocated``; not measured on
+peak extra device memory of the warm-up call (``max_memory_allocated`` − ``memory_allocated``; not measured on
 the CPU), TFLOP/s of the model FLOPs of ``gpu_providers`` and the row's share of the measured bf16 and fp32 mm
 rates (in the note). A provider whose estimated peak exceeds the plan's share of free memory, or whose time
 (predicted from its previous size, or from its warm-up call) does not fit what is left of the section, is
@@ -109,10 +109,9 @@ class Section:
         try:
             wl = make()
             for _ in range(max(1, self.plan.warmup)):  # the first includes compilation; the last sets the pace
-                warm = time_fn(wl, warmup=0, repeats=1, device=self.device)["p50"] / 1e3
+                warm, peak = _warm_call(wl, self.device)
             reps = max(1, min(self.plan.repeats, int(max(self.left(), 0) / max(warm, 1e-6))))
             t = time_fn(wl, warmup=0, repeats=reps, device=self.device)
-            peak = _peak_mb(wl, self.device)
             flops = wl.flops
         except Exception as e:  # an error of this provider (out of memory, a kernel that does not compile) is a row
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -146,19 +145,24 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _peak_mb(wl, device: torch.device) -> float | None:
-    """Peak extra device memory of one more call (tensor memory; the allocator's cache is not counted)."""
-    if device.type != "cuda":
-        return None
+def _warm_call(wl, device: torch.device) -> tuple[float, float | None]:
+    """One untimed-for-the-row call: its seconds (synchronised) and its peak extra device memory in MB (tensor
+    memory above what was allocated before it; the allocator's cache is not counted; None on the CPU), so the
+    memory figure costs no extra call of a slow row."""
     wl.setup()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
     out = wl()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 1e6 if cuda else None
     del out
-    return peak / 1e6
+    return seconds, peak
 
 
 def _read_mm(out: Path) -> dict:
