@@ -72,6 +72,33 @@ def _teacher_cache(cfg: TrainConfig, teacher: models.LoadedModel) -> dict:
     return emb
 
 
+def _check_labels_fit(cluster_dir: str, image, labels: np.ndarray, cent_path: str, sample: int = 1024) -> None:
+    """labels.npy and centroids.npy do not say which embeddings they came from, and a cluster run of another cache
+    with the same row count (another teacher, or another corpus of that size) fits every shape check: it trained
+    silently on wrong pseudo-classes (python_tests/test_train.py). ``clipcid-fast cluster`` labels every row with
+    its nearest centroid, so on up to ``sample`` labelled rows of this cache (evenly spaced) most labels must be
+    the nearest centroid; the cut (90 %) leaves room for near-ties, other embeddings agree by chance (~1/N)."""
+    cent = np.load(cent_path, mmap_mode="r")
+    dim = image.shape[1]
+    if cent.ndim != 2 or cent.shape[1] != dim:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: centroids.npy is {cent.shape}, the teacher cache's D is {dim}"
+        )
+    rows = np.flatnonzero(labels >= 0)
+    if rows.size == 0:
+        return
+    rows = rows[np.linspace(0, rows.size - 1, min(sample, rows.size)).round().astype(np.int64)]
+    c = np.asarray(cent, dtype=np.float32)
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)  # cosine, as run_cluster assigns
+    nearest = (np.asarray(image[rows], dtype=np.float32) @ c.T).argmax(axis=1)
+    agree = float(np.mean(nearest == labels[rows]))
+    if agree < 0.9:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: labels.npy does not match the teacher cache (only {agree:.0%} of "
+            f"{rows.size} sampled rows carry their nearest centroid's label): it was clustered from other embeddings"
+        )
+
+
 def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, str]:
     """(kept cache rows as bool [n], pseudo-class per cache row [n], centroids path)."""
     n = len(emb["ids"])
@@ -88,6 +115,7 @@ def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, st
             f"--cluster-dir {cfg.cluster_dir!r}: labels.npy has {labels.shape[0]} rows, the teacher cache {n}: "
             "it was clustered from other embeddings"
         )
+    _check_labels_fit(cfg.cluster_dir, emb["image"], labels, cent_path)
     keep = np.ones(n, dtype=bool)
     if cfg.balance_dir is not None:
         mask_path = os.path.join(cfg.balance_dir, f"keep_eps{cfg.balance_eps:g}.npy")
@@ -234,7 +262,11 @@ def run_train(cfg: TrainConfig) -> dict:
     builder = BatchBuilder(dataset, train_index, cache, labels)
     t_scale = None
     if teacher is not None:
-        t_scale = teacher.model.logit_scale.detach().exp().clone()
+        # on the step's device: the loss ops refuse a scale on another device than the features, and the online
+        # teacher encodes the step's batch where it is (both stayed on the CPU: every teacher recipe failed on CUDA)
+        t_scale = teacher.model.logit_scale.detach().exp().clone().to(device)
+        if cfg.online_teacher:
+            teacher.model.to(device)
 
     # -- recipe, optimizer, schedule
     t_dim = teacher.info["embed_dim"] if teacher is not None else student.info["embed_dim"]
