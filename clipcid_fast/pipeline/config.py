@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 C = TypeVar("C")
 
+LN_INV_007 = 2.6592600369327779  # ln(1 / 0.07): CLIP-KD / CLIP-RD's raw logit-scale init
+
 
 def _help(text: str) -> dict:
     return {"help": text}
@@ -232,6 +234,9 @@ class RecipeWeights:
     # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
     cd_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: cluster-discrimination weight"))
     id_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: instance-discrimination weight"))
+    id_scale_init: float = dataclasses.field(
+        default=LN_INV_007, metadata=_help("cid: initial raw logit scale of the instance term (CLIP-KD's ICL init)")
+    )
     cd_margin: float = dataclasses.field(default=0.5, metadata=_help("cid: ArcFace additive angular margin m2"))
     cd_scale: float = dataclasses.field(default=32.0, metadata=_help("cid: margin-softmax scale s"))
     centre_lr_mult: float = dataclasses.field(
@@ -404,6 +409,11 @@ def build_config(cls: type[C], yaml_path: str | None = None, overrides: dict | N
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ValueError(f"config key {key!r}: {msg}") from None
+
+
+def flag_overrides(cls, args: argparse.Namespace) -> dict:
+    """The flags given on the command line as a nested dict (what ``config_from_args`` lays over the YAML)."""
+    return _flag_overrides(cls, args)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

@@ -21,8 +21,9 @@ The offline defaults (``shared/offline-assets.md``, ``shared/calibration.md``):
   recipe retrains and a rerun reuses it. The logit scale is fixed at 20 (what the calibration used).
 * **student**: an open_clip ``CLIP`` with a ``ModifiedResNet`` of width 4 (about 15 × fewer image
   parameters than the teacher's) and a 2-layer, 128-wide open_clip text transformer on MiniLM's WordPiece
-  vocabulary (the same tokenizer as the teacher, eos pooling on ``[SEP]``), 256-d embeddings (so the
-  distillation losses' learnable projection into the teacher's 384-d space is exercised). Why not the
+  vocabulary (the same tokenizer as the teacher, eos pooling on ``[SEP]``), 384-d embeddings like the
+  teacher's (so no projection is needed; a student of another width gets the recipes' learnable projection,
+  as CLIP-KD's, which the tests exercise with a 192-d teacher, and keeps its own width for eval). Why not the
   pretrained MiniLM-L3: its 3 BERT layers of width 384 cost about 10 × the student image tower's FLOPs per
   step, which would not fit the demo's 15-minute budget on 2 cores, and the calibration's student text
   tower was trained from scratch too.

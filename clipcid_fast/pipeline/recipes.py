@@ -80,7 +80,7 @@ class Recipe(nn.Module):
                 raise ValueError(
                     f"--cluster-dir: centroids have D = {self.cluster.embed_dim}, the teacher's features {teacher_dim}"
                 )
-            self.instance = InstanceDiscriminationLoss(weight=w.id_weight, **dist)
+            self.instance = InstanceDiscriminationLoss(weight=w.id_weight, scale_init=w.id_scale_init, **dist)
         self.centre_lr_mult = w.centre_lr_mult
 
     @property

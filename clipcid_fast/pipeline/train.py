@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, models
-from ._io import atomic_bytes, atomic_json
+from ._io import atomic_bytes, atomic_json, clean_tmp
 from .batches import BatchBuilder, SampleStream
 from .config import RECIPES, TrainConfig, to_dict, write_config
 from .recipes import Recipe
@@ -290,6 +290,7 @@ def run_train(cfg: TrainConfig) -> dict:
         start, lines = resume["step"], list(resume["metrics"])
         print(f"resumed {out} at step {start}")
     os.makedirs(out, exist_ok=True)
+    clean_tmp(out, os.path.dirname(ckpt_path))  # a kill during a write leaves only *.tmp-* files
     write_config(cfg, out)
     # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
     atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
@@ -340,8 +341,14 @@ def run_train(cfg: TrainConfig) -> dict:
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
+        if not math.isfinite(float(norm)):  # a finite loss can still have NaN gradients: never step on them
+            metrics.close()
+            raise FloatingPointError(
+                f"non-finite gradient norm at step {step + 1} (loss terms {values}); "
+                f"the last good checkpoint ({ckpt_path}) is kept"
+            )
         opt.step()
         sched.step()
         with torch.no_grad():
