@@ -11,6 +11,7 @@ The pipeline a user runs, one stage a command (each reads the previous stage's f
           for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
 ``train``  distil the teacher into the student (recipes cid, rd, kd, distill, baseline), exact resume.
 ``eval``  zero-shot, retrieval and linear probe of a teacher, a student or a checkpoint.
+``demo``  all of the above on the offline default (every recipe), then a report (``--quick``: CI sizes).
 
 ``info``  which backends this process uses, and how the extension was built.
 ``losses``  every reference loss and fused op on a built-in synthetic example.
@@ -178,6 +179,12 @@ def _run_cluster(cfg) -> None:
     print(f"\n{meta['n_labelled']} rows into {meta['n_classes']} pseudo-classes; outputs in {cfg.out_dir}")
 
 
+def _run_demo(args) -> None:
+    from .pipeline import demo
+
+    demo.run_demo(demo.config_from_args(args))
+
+
 STAGES = {
     "export-data": _run_export,
     "embed": _run_embed,
@@ -218,6 +225,12 @@ STAGE_HELP = {
         "Evaluates the teacher, the student or a clipcid-fast train checkpoint on the held-out split: "
         "zero-shot top-1/top-5 and mean per-class recall, image<->text R@1/5/10, linear probe.",
     ),
+    "demo": (
+        "every stage on the offline default, every recipe, then the report",
+        "embed -> balance -> cluster -> train cid, rd, kd, distill, baseline -> eval, on the offline default "
+        "(student: 10k images, 40 % noisy captions; teacher: the clean 60k); each stage reused on a rerun; "
+        "report.json / report.md / PNG plots in --out-dir. --quick: reduced sizes (CI).",
+    ),
 }
 
 
@@ -231,6 +244,7 @@ def _add_stage_parsers(sub) -> None:
         "cluster": config.ClusterConfig,
         "train": config.TrainConfig,
         "eval": config.EvalConfig,
+        "demo": config.DemoConfig,
     }
     for name, (help_text, description) in STAGE_HELP.items():
         _stage_parser(sub, name, classes[name], help_text, description)
@@ -243,14 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="which backend runs where")
     _add_stage_parsers(sub)
-    for name in ("losses", "demo"):
-        p_demo = sub.add_parser(name, help="reference losses and fused ops on a built-in synthetic example")
-        p_demo.add_argument("--batch", type=int, default=256)
-        p_demo.add_argument("--dim", type=int, default=64)
-        p_demo.add_argument("--seed", type=int, default=0)
+    p_losses = sub.add_parser("losses", help="reference losses and fused ops on a built-in synthetic example")
+    p_losses.add_argument("--batch", type=int, default=256)
+    p_losses.add_argument("--dim", type=int, default=64)
+    p_losses.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(_backend.summary())
-    if args.cmd in ("losses", "demo"):
+    if args.cmd == "losses":
         if args.batch < 2 or args.dim < 1:
             parser.error(f"--batch must be >= 2 and --dim >= 1, got {args.batch} and {args.dim}")
         t0 = time.perf_counter()
@@ -260,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in results.items():
             print(f"  {name:<{width}}  {value:.6f}")
         print(f"done in {time.perf_counter() - t0:.2f} s")
+    elif args.cmd == "demo":
+        try:
+            _run_demo(args)
+        except ValueError as e:
+            parser.error(str(e))
     elif args.cmd in STAGES:
         from .pipeline import config
 

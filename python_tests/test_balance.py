@@ -522,7 +522,7 @@ def test_cli_balance_and_cluster(tmp_path, capsys):
     # a bad argument is a usage error, not a traceback
     with pytest.raises(SystemExit):
         cli_main(["balance", emb, str(tmp_path / "x"), "--eps", "3"])
-    assert cli_main(["demo", "--batch", "16", "--dim", "8"]) == 0
+    assert cli_main(["losses", "--batch", "16", "--dim", "8"]) == 0
 
 
 def test_cluster_without_topk_and_bad_arguments(tmp_path):
