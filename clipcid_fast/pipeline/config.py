@@ -103,6 +103,9 @@ class ModelConfig:
         default=16, metadata=_help("token context of the default towers (the longest default caption is 13 tokens)")
     )
     teacher_epochs: int = dataclasses.field(default=3, metadata=_help("default teacher: epochs over its corpus"))
+    teacher_samples: int = dataclasses.field(
+        default=0, metadata=_help("default teacher: train on a seeded subset of N of its 60k images (0 = all)")
+    )
     teacher_batch_size: int = dataclasses.field(default=256, metadata=_help("default teacher: batch size"))
     teacher_lr: float = dataclasses.field(default=2e-3, metadata=_help("default teacher: AdamW learning rate"))
     teacher_seed: int = dataclasses.field(default=0, metadata=_help("default teacher: training seed"))
@@ -292,8 +295,8 @@ class TrainConfig:
 class DemoConfig:
     """``clipcid-fast demo`` (``pipeline/demo.py``): embed → balance → cluster → train every recipe → eval → report.
 
-    ``quick`` lays ``demo.QUICK`` (reduced sizes, a 1-epoch teacher) under the YAML and the flags, so a flag
-    given with ``--quick`` still wins.
+    ``quick`` lays ``demo.QUICK`` (reduced sizes, a teacher of 2 epochs on 10k images) under the YAML and the
+    flags, so a flag given with ``--quick`` still wins.
     """
 
     out_dir: str = dataclasses.field(default="runs/demo", metadata=_help("every stage's outputs and the report"))

@@ -45,7 +45,7 @@ QUICK = {
     "eval_samples": 1000,
     "probe_train_samples": 1000,
     "data": {"student_samples": 600},
-    "models": {"teacher_epochs": 1},
+    "models": {"teacher_epochs": 2, "teacher_samples": 10000},
 }
 
 
@@ -401,9 +401,11 @@ def regime(cfg: DemoConfig) -> dict:
         "student_corpus": cfg.data.corpus,
         "student_samples": cfg.data.student_samples if student else 60000,
         "caption_noise": cfg.data.caption_noise if student else 0.0,
-        "teacher_corpus": f"clean 60k train split, {cfg.models.teacher_epochs} epoch(s)"
-        if cfg.models.teacher == "default"
-        else cfg.models.teacher,
+        "teacher_corpus": (
+            f"clean train split ({cfg.models.teacher_samples or 60000} images), {cfg.models.teacher_epochs} epoch(s)"
+            if cfg.models.teacher == "default"
+            else cfg.models.teacher
+        ),
         "eval": "clean 10k test split" + (f" (a seeded subset of {cfg.eval_samples})" if cfg.eval_samples else ""),
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,

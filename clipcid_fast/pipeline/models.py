@@ -305,6 +305,8 @@ def teacher_recipe(model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig) -> d
         "lr": cfg.teacher_lr,
         "seed": cfg.teacher_seed,
         "data": {"corpus": "teacher", "data_seed": data_cfg.data_seed},
+        # only when set, so the key of the full-corpus teacher stays what it was before the field existed
+        **({"samples": cfg.teacher_samples} if cfg.teacher_samples else {}),
         "torch": torch.__version__.split("+")[0],
     }
 

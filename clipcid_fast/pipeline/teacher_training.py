@@ -34,15 +34,20 @@ def soft_target_clip_loss(img: torch.Tensor, txt: torch.Tensor, groups: torch.Te
     )
 
 
-def _preprocessed_corpus(ds, progress: bool) -> tuple[torch.Tensor, list[str], np.ndarray]:
-    n = len(ds)
+def _preprocessed_corpus(ds, progress: bool, subset: int, seed: int) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    rows = np.arange(len(ds))
+    if 0 < subset < len(ds):  # a seeded subset, in ascending order (the stream below shuffles)
+        rows = np.sort(np.random.default_rng([seed, 11]).permutation(len(ds))[:subset])
+    n = len(rows)
     first = ds[0]
     images = torch.empty((n, *first["image"].shape), dtype=first["image"].dtype)
     captions: list[str] = []
-    groups = np.asarray(getattr(ds, "caption_labels", np.full(n, -1)))
-    for i in tqdm(range(n), desc="teacher corpus: preprocess", disable=not progress, unit="img", mininterval=2):
-        item = ds[i]
-        images[i] = item["image"]
+    groups = np.asarray(getattr(ds, "caption_labels", np.full(len(ds), -1)))[rows]
+    for j, i in enumerate(
+        tqdm(rows, desc="teacher corpus: preprocess", disable=not progress, unit="img", mininterval=2)
+    ):
+        item = ds[int(i)]
+        images[j] = item["image"]
         captions.append(item["caption"])
     if (groups < 0).any():  # no caption classes known: identical captions are the positives
         _, groups = np.unique(np.asarray(captions), return_inverse=True)
@@ -65,7 +70,7 @@ def train_lit_image_tower(
 
     ds = data.build_dataset(corpus_cfg, make_preprocess(model_cfg), make_tokenizer(model_cfg))
     t0 = time.perf_counter()
-    images, captions, groups = _preprocessed_corpus(ds, progress)
+    images, captions, groups = _preprocessed_corpus(ds, progress, cfg.teacher_samples, data_cfg.data_seed)
     t_pre = time.perf_counter() - t0
 
     distinct, caption_idx = np.unique(np.asarray(captions), return_inverse=True)

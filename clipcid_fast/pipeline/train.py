@@ -226,6 +226,15 @@ def run_train(cfg: TrainConfig) -> dict:
         diff = checkpoint.config_difference(resume["config"], cfg_dict)
         if diff:
             raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
+        summary_path = os.path.join(out, "summary.json")
+        if (
+            resume["step"] >= cfg.steps
+            and os.path.isfile(os.path.join(out, "student.pt"))
+            and os.path.isfile(summary_path)
+        ):  # a finished run: nothing to redo, nothing rewritten
+            print(f"{out}: finished ({resume['step']} steps); nothing to resume")
+            with open(summary_path) as f:
+                return json.load(f)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # -- models
