@@ -19,7 +19,7 @@ The offline defaults (``shared/offline-assets.md``, ``shared/calibration.md``):
   trained once against the frozen text tower on the teacher's corpus (the clean 60k Fashion-MNIST train
   split), then cached in ``cache_dir`` under a key of its whole recipe (``teacher_recipe``), so a change of
   recipe retrains and a rerun reuses it. The logit scale is fixed at 20 (what the calibration used).
-* **student**: an open_clip ``CLIP`` with a ``ModifiedResNet`` of width 4 (about 15 × fewer image
+* **student**: an open_clip ``CLIP`` with a ``ModifiedResNet`` of width 4 (about 11 × fewer image
   parameters than the teacher's) and a 2-layer, 128-wide open_clip text transformer on MiniLM's WordPiece
   vocabulary (the same tokenizer as the teacher, eos pooling on ``[SEP]``), 384-d embeddings like the
   teacher's (so no projection is needed; a student of another width gets the recipes' learnable projection,
