@@ -53,19 +53,28 @@ def load(path: str) -> dict:
         raise ValueError(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from None
 
 
-def config_difference(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "progress")) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``ignore`` = top-level keys that may)."""
+def config_difference(
+    saved: dict, current: dict, ignore: tuple[str, ...] = ("resume", "progress"), defaults: dict | None = None
+) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``ignore`` = top-level keys that may).
+
+    A key the checkpoint lacks counts as equal when the current value is its default (``defaults``, a config
+    dict of the defaults): a field added to the config since the checkpoint was written, left at its default,
+    does not change the run."""
     out = []
 
-    def walk(a, b, prefix):
+    def walk(a, b, d, prefix):
         for k in sorted(set(a) | set(b)):
             if not prefix and k in ignore:
                 continue
             va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+            dv = d.get(k, "<no default>") if isinstance(d, dict) else "<no default>"
             if isinstance(va, dict) and isinstance(vb, dict):
-                walk(va, vb, f"{prefix}{k}.")
+                walk(va, vb, dv, f"{prefix}{k}.")
+            elif va == "<absent>" and vb == dv:
+                continue
             elif va != vb:
                 out.append(f"{prefix}{k}: {va!r} (checkpoint) vs {vb!r} (now)")
 
-    walk(saved, current, "")
+    walk(saved, current, defaults or {}, "")
     return out

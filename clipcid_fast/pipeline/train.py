@@ -223,7 +223,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 f"{out!r} already holds a run (checkpoints/latest.pt): pass --resume, or another --out-dir"
             )
         resume = checkpoint.load(ckpt_path)
-        diff = checkpoint.config_difference(resume["config"], cfg_dict)
+        diff = checkpoint.config_difference(resume["config"], cfg_dict, defaults=to_dict(TrainConfig()))
         if diff:
             raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
         summary_path = os.path.join(out, "summary.json")
