@@ -13,9 +13,21 @@ import json
 import os
 
 import open_clip
+import pytest
 import torch
 
 from clipcid_fast.pipeline.config import ModelConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for a test module (import this fixture into it): on 2 cores shared with other jobs,
+    two OpenMP threads ran these small forwards ~20x slower (each waits for the other to be scheduled).
+    Byte-identity holds at any fixed thread count; subprocesses inherit the count they are given."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config() -> dict:

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _tiny_open_clip import write_checkpoint
+from _tiny_open_clip import one_thread, write_checkpoint  # noqa: F401 (one_thread: an autouse fixture)
 
 from clipcid_fast.pipeline import embed
 from clipcid_fast.pipeline.config import DataConfig, EmbedConfig, to_yaml
@@ -25,16 +25,6 @@ from clipcid_fast.pipeline.models import load_model
 
 SAMPLES, SHARD_ROWS, BATCH = 300, 128, 32  # shards of 128, 128 and 44 rows; 4 batches in a full shard
 SHARD_SIZES = [128, 128, 44]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, two OpenMP threads ran these small forwards ~20x
-    slower (each waits for the other to be scheduled). Byte-identity holds at any fixed count; the child uses this."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

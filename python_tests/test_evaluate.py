@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _tiny_open_clip import write_checkpoint
+from _tiny_open_clip import one_thread, write_checkpoint  # noqa: F401 (one_thread: an autouse fixture)
 
 from clipcid_fast.pipeline import evaluate, metrics
 from clipcid_fast.pipeline.config import DataConfig, EvalConfig
@@ -92,15 +92,6 @@ def test_linear_probe_separates_separable_classes():
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate / run_eval on real images
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two OpenMP threads on 2 shared cores ran these small forwards ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
