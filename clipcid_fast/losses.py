@@ -364,8 +364,8 @@ class ClusterDiscriminationLoss(nn.Module):
         if full.ndim != 2:
             raise ValueError(f"{path} must hold a [N, D] array, got shape {full.shape}")
         mod = cls(full.shape[0], full.shape[1], rank=rank, world_size=world_size, **kwargs)
-        with torch.no_grad():
-            mod.centres.copy_(torch.from_numpy(np.ascontiguousarray(full[mod.start : mod.stop], dtype=np.float32)))
+        with torch.no_grad():  # np.array copies the memory-mapped rows: torch warns on a read-only buffer
+            mod.centres.copy_(torch.from_numpy(np.array(full[mod.start : mod.stop], dtype=np.float32)))
         return mod
 
     def forward(self, embeddings: Tensor, labels: Tensor, output_dict: bool = False):
