@@ -113,7 +113,7 @@ def train_lit_image_tower(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{bar.n * bs / (time.perf_counter() - t1):.0f}")
