@@ -23,19 +23,31 @@ def tmp_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _replacing(path: str):
-    """A binary file to write ``path``'s new content into; it replaces ``path`` only once fully on disk."""
+def _replacing(path: str, durable: bool = True):
+    """A binary file to write ``path``'s new content into; it replaces ``path`` only once fully written.
+
+    ``durable`` (the default) fsyncs before the rename, so the new file survives a machine crash too; many
+    small files that a manifest written durably after them vouches for (exported PNGs) can skip it."""
     tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def atomic_bytes(path: str, data: bytes) -> None:
-    with _replacing(path) as f:
+def atomic_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
+    with _replacing(path, durable) as f:
         f.write(data)
+
+
+def atomic_torch(path: str, obj) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (streamed into the temporary file, no in-memory copy)."""
+    import torch
+
+    with _replacing(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_npy(path: str, arr: np.ndarray) -> None:

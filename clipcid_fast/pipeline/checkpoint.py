@@ -4,20 +4,19 @@ A checkpoint holds everything the next step depends on: the student's weights, t
 parameters (projections, CLIP-KD/RD scales, class centres: CLIP-KD and CLIP-RD lose these on resume), the
 optimizer and scheduler states, every RNG state (torch CPU and CUDA, numpy, python) and the step, which is
 also the data position (the sample stream is a function of the seed and the step, ``batches.py``). It is
-written to a temporary name and renamed (``_io.atomic_bytes``), so a kill mid-write leaves the previous
+written to a temporary name and renamed (``_io.atomic_torch``), so a kill mid-write leaves the previous
 checkpoint intact. ``config`` is the resolved training config: a resume with a different one is refused.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import random
 
 import numpy as np
 import torch
 
-from ._io import atomic_bytes
+from ._io import atomic_torch
 
 LATEST = "latest.pt"
 
@@ -39,10 +38,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: str, **payload) -> None:
-    buf = io.BytesIO()
-    torch.save({**payload, "rng": rng_state()}, buf)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_bytes(path, buf.getvalue())
+    atomic_torch(path, {**payload, "rng": rng_state()})
 
 
 def load(path: str) -> dict:

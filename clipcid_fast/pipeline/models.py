@@ -312,7 +312,7 @@ def teacher_recipe(model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig) -> d
 
 
 def _default_teacher_weights(model, model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig, progress: bool):
-    from ._io import atomic_bytes, atomic_json
+    from ._io import atomic_json, atomic_torch
 
     recipe = teacher_recipe(model_cfg, cfg, data_cfg)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -330,11 +330,7 @@ def _default_teacher_weights(model, model_cfg: dict, cfg: ModelConfig, data_cfg:
     t0 = time.perf_counter()
     stats = train_lit_image_tower(model, model_cfg, cfg, data_cfg, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.visual.state_dict(), buf)
-    atomic_bytes(path, buf.getvalue())
+    atomic_torch(path, model.visual.state_dict())
     stats["seconds"] = time.perf_counter() - t0
     atomic_json(path[: -len(".pt")] + ".json", {"recipe": recipe, "key": key, "training": stats})
     log.info("default teacher trained in %.1f s", stats["seconds"])

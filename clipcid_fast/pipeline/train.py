@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, models
-from ._io import atomic_bytes, atomic_json, clean_tmp
+from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
 from .config import RECIPES, TrainConfig, to_dict, write_config
 from .recipes import Recipe
@@ -377,11 +377,7 @@ def run_train(cfg: TrainConfig) -> dict:
     seconds = time.perf_counter() - t0
 
     final = os.path.join(out, "student.pt")
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_cfg": student.model_cfg}, buf)
-    atomic_bytes(final, buf.getvalue())
+    atomic_torch(final, {"model": model.state_dict(), "model_cfg": student.model_cfg})
     last = json.loads(lines[-1]) if lines else {}
     summary = {
         "recipe": cfg.recipe,

@@ -24,19 +24,10 @@ import re
 import pandas as pd
 import webdataset as wds
 
+from .._io import atomic_bytes
 from .fashion_mnist import FashionMnistCorpus
 
 FORMATS = ("csv", "wds")
-
-
-def _atomic_write(path: str, data: bytes, *, durable: bool = False) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _png_bytes(image) -> bytes:
@@ -81,12 +72,12 @@ def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, li
         os.makedirs(os.path.join(out_dir, image_dir), exist_ok=True)
         filepaths = [f"{image_dir}/{key}.png" for key in keys]
         for rel, png in zip(filepaths, pngs):
-            _atomic_write(os.path.join(out_dir, rel), png)
+            atomic_bytes(os.path.join(out_dir, rel), png, durable=False)
         table = pd.DataFrame(
             {"filepath": filepaths, "title": captions, "id": corpus.ids[:n], "label": corpus.labels[:n]}
         )
         csv_path = os.path.join(out_dir, f"{name}.csv")
-        _atomic_write(csv_path, table.to_csv(sep="\t", index=False).encode(), durable=True)
+        atomic_bytes(csv_path, table.to_csv(sep="\t", index=False).encode(), durable=True)
         manifest["csv"] = csv_path
 
     if "wds" in formats:
@@ -101,7 +92,7 @@ def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, li
                             "caption_label": int(corpus.caption_labels[i])}  # fmt: skip
                     tar.write({"__key__": keys[i], "png": pngs[i], "txt": captions[i].encode(),
                                "json": json.dumps(meta).encode()})  # fmt: skip
-            _atomic_write(os.path.join(shard_dir, f"{name}-{k:05d}.tar"), buf.getvalue(), durable=True)
+            atomic_bytes(os.path.join(shard_dir, f"{name}-{k:05d}.tar"), buf.getvalue(), durable=True)
         # Shards past the new count, left by an earlier and larger export, would be read by a glob: remove them.
         for entry in os.listdir(shard_dir):
             match = re.fullmatch(rf"{re.escape(name)}-(\d{{5}})\.tar", entry)
@@ -112,5 +103,5 @@ def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, li
 
     manifest_path = os.path.join(out_dir, f"{name}.json")
     manifest["manifest"] = manifest_path
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), durable=True)
+    atomic_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), durable=True)
     return manifest
