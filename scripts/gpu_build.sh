@@ -12,6 +12,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=$1
 ARCHS=$2
 PY=${PY:-python3}
+# CMake runs the interpreter from inside BUILD: a relative path must be made absolute first.
+case $PY in */*) PY=$(realpath "$PY") ;; esac
+# A cache written for another checkout (same BUILD path, other clone) makes CMake refuse this source: start over.
+if [ -f "$BUILD/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$REPO" "$BUILD/CMakeCache.txt"; then
+  echo "build: $BUILD was configured for another source tree; removing it"
+  rm -rf "$BUILD"
+fi
 cmake -S "$REPO" -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$REPO/clipcid_fast" -DCLIPCID_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS"
 if [ "${3:-}" = --configure-only ]; then
