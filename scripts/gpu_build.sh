@@ -13,7 +13,7 @@ BUILD=$1
 ARCHS=$2
 PY=${PY:-python3}
 # CMake runs the interpreter from inside BUILD: a relative path must be made absolute first.
-case $PY in */*) PY=$(realpath "$PY") ;; esac
+case $PY in /*) ;; */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # not realpath: a venv's python is a symlink
 # A cache written for another checkout (same BUILD path, other clone) makes CMake refuse this source: start over.
 if [ -f "$BUILD/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$REPO" "$BUILD/CMakeCache.txt"; then
   echo "build: $BUILD was configured for another source tree; removing it"
