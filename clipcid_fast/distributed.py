@@ -1,11 +1,19 @@
 """All communication lives here; ops and kernels are single-device and pure.
 
-Gathers use functional collectives (``torch.distributed._functional_collectives``), which trace
-under ``torch.compile`` and run on gloo (CPU) and NCCL alike.
+* the losses' collectives: :func:`gather_rows`, :func:`sharded_margin_softmax_rows` (functional
+  collectives, ``torch.distributed._functional_collectives``, which trace under ``torch.compile`` and run
+  on gloo (CPU) and NCCL alike), :func:`scale_grad`;
+* the pipeline's process group (:class:`Comm`): rank / world under ``torchrun``, agreed failure, the few
+  host-side collectives of the semantic-balance stages and of the trainer (gradient mean of replicated
+  parameters, sharded state gathered for a checkpoint).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -97,3 +105,129 @@ def sharded_margin_softmax_rows(lse_local: Tensor, target_local: Tensor, *, worl
         return lse_local - target_local
     group = group if group is not None else dist.group.WORLD
     return _GlobalLogSumExp.apply(lse_local, group) - _SumOverRanks.apply(target_local, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged forward; its gradient times ``factor`` backward (identity when ``factor == 1``).
+
+    A data-parallel trainer averages parameter gradients over ranks, which is exact for losses every rank
+    computes in full (open_clip's gather with grad sums the ``world`` replicas' feature gradients, ``world ×``
+    each rank's share, and the mean divides it back). A class-sharded loss gives each rank only its shard's
+    part, which the gather sums to the share once: scaling its input's gradient by ``world`` puts it on
+    the same footing before the mean."""
+    return x if factor == 1 else _ScaleGrad.apply(x, float(factor))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pipeline's process group
+
+
+class Comm:
+    """Rank / world of this process and the host-side collectives the pipeline needs.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the default process group (``backend``: gloo on CPU,
+    nccl on CUDA) unless one is already initialised; the semantic-balance stages' CPU collectives always go
+    through a gloo group (a second group when the default one is nccl). ``world == 1``: every collective is
+    the identity and nothing is initialised."""
+
+    def __init__(self, backend: str = "gloo", device: torch.device | None = None) -> None:
+        self.group, self.owned = None, False
+        self.device = device if device is not None else torch.device("cpu")
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if backend == "nccl" and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+            self.owned = True
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo")
+        else:
+            self.rank, self.world = 0, 1
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Collective: raise on every rank if any rank failed (so no rank waits forever)."""
+        if self.world > 1:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+            dist.all_reduce(flag, group=self.group)
+            if error is None and int(flag) > 0:
+                raise RuntimeError("another rank failed; see its error")
+        if error is not None:
+            raise error
+
+    def broadcast(self, arr: np.ndarray | None, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        if self.world == 1:
+            return arr
+        t = torch.from_numpy(np.ascontiguousarray(arr)) if self.rank == 0 else torch.empty(shape, dtype=torch.float32)
+        dist.broadcast(t, src=0, group=self.group)
+        return t.numpy().astype(dtype, copy=False)
+
+    # -- device collectives of the trainer (default group: nccl on CUDA, gloo on CPU)
+
+    def mean_(self, tensors: list[Tensor]) -> None:
+        """In place: each tensor becomes its mean over ranks (one flat all-reduce)."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+    def sum(self, t: Tensor) -> Tensor:
+        if self.world == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def gather_shards(self, shard: Tensor, total: int) -> Tensor | None:
+        """Rank 0 gets the concatenation of every rank's row block (``shard_range`` blocks of ``total`` rows,
+        which differ by at most one row); other ranks get None."""
+        if self.world == 1:
+            return shard
+        most = shard_range(total, 0, self.world)[1]
+        padded = shard.new_zeros((most, *shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        if self.rank != 0:
+            return None
+        sizes = [b - a for a, b in (shard_range(total, r, self.world) for r in range(self.world))]
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def close(self) -> None:
+        if self.owned:
+            dist.destroy_process_group()
+            self.owned = False
+
+
+def run_stage(comm: Comm, fn: Callable, *, root_only: bool):
+    """Run ``fn`` (on rank 0 only if ``root_only``), then agree on success across ranks."""
+    result, err = None, None
+    if not root_only or comm.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            err = e
+    comm.agree(err)
+    comm.barrier()
+    return result

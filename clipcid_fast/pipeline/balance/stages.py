@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ...distributed import Comm, run_stage
 from .._io import atomic_json, atomic_npy, atomic_npz
-from .comm import _Comm, run_stage
 from .functions import resolve_fns
 from .kmeans import assign_block, spherical_kmeans
 from .outputs import finished_clusters, load_timings, merge_outputs, prepare_run_dir, run_manifest
@@ -151,7 +151,7 @@ def run_balance(
     assign_fn, max_sim_fn, fn_names = resolve_fns(assign_fn, max_sim_fn, device)
     hook = hook or (lambda event, **info: None)
 
-    comm = _Comm()
+    comm = Comm()
     try:
         return _pipeline(
             comm, plan, src, ids_arr, out_dir, k, niter, seed, max_points_per_centroid, keep, batch_clusters,
