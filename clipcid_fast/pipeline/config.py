@@ -266,6 +266,17 @@ class TrainConfig:
     )
     steps: int = dataclasses.field(default=300, metadata=_help("optimisation steps"))
     batch_size: int = dataclasses.field(default=256, metadata=_help("global batch size"))
+    accum_freq: int = dataclasses.field(
+        default=1,
+        metadata=_help("micro-batches per step: exact gradient of the global batch, activations of one micro-batch"),
+    )
+    local_loss: bool = dataclasses.field(
+        default=False, metadata=_help("distill under torchrun: each rank computes its rows only (open_clip's flag)")
+    )
+    gather_with_grad: bool = dataclasses.field(
+        default=True,
+        metadata=_help("all-gather features with autograd (exact data-parallel gradients; open_clip's default is off)"),
+    )
     lr: float = dataclasses.field(default=2e-3, metadata=_help("peak AdamW learning rate"))
     wd: float = dataclasses.field(default=0.1, metadata=_help("AdamW weight decay (not on gains, biases, scales)"))
     beta1: float = dataclasses.field(default=0.9, metadata=_help("AdamW beta1"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from ..distributed import scale_grad
 from ..losses import (
     ClipKDLoss,
     ClipRDLoss,
@@ -49,12 +50,17 @@ class Recipe(nn.Module):
         impl: str = "auto",
         rank: int = 0,
         world_size: int = 1,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
     ) -> None:
         super().__init__()
         if name not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}; got {name!r}")
         self.name = name
-        dist = {"rank": rank, "world_size": world_size, "impl": impl}
+        dist = {"rank": rank, "world_size": world_size, "impl": impl, "local_loss": local_loss,
+                "gather_with_grad": gather_with_grad}  # fmt: skip
+        # the cluster term's input gradient, on the footing of the replicated terms' (distributed.scale_grad)
+        self._cluster_grad_factor = world_size if gather_with_grad else 1
         w = weights
         project = name != "baseline" and student_dim != teacher_dim
         self.proj_image = nn.Linear(student_dim, teacher_dim, bias=False) if project else None
@@ -73,9 +79,11 @@ class Recipe(nn.Module):
         if name == "cid":
             if centroids is None:
                 raise ValueError("recipe cid needs --cluster-dir (the output of clipcid-fast cluster)")
+            # values were checked once when the pseudo-classes entered (train._cid_inputs): no per-step scan
             self.cluster = ClusterDiscriminationLoss.from_centroids(
-                centroids, margin=(1.0, w.cd_margin, 0.0), scale=w.cd_scale, weight=w.cd_weight, **dist
-            )
+                centroids, margin=(1.0, w.cd_margin, 0.0), scale=w.cd_scale, weight=w.cd_weight, rank=rank,
+                world_size=world_size, impl=impl, check_values=False,
+            )  # fmt: skip
             if self.cluster.embed_dim != teacher_dim:
                 raise ValueError(
                     f"--cluster-dir: centroids have D = {self.cluster.embed_dim}, the teacher's features {teacher_dim}"
@@ -106,7 +114,7 @@ class Recipe(nn.Module):
         if self.name == "cid":
             out = self.loss(image_features, text_features, logit_scale, image_features.detach(),
                             text_features.detach(), logit_scale.detach(), output_dict=True)  # fmt: skip
-            out.update(self.cluster(s_img, labels, output_dict=True))
+            out.update(self.cluster(scale_grad(s_img, self._cluster_grad_factor), labels, output_dict=True))
             out.update(self.instance(s_img, None, None, None, dist_text_features, output_dict=True))
             return out
         s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
@@ -119,6 +127,10 @@ class Recipe(nn.Module):
             return out
         return self.loss(s_img, s_txt, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
                          output_dict=True)  # fmt: skip
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """Parameters each rank holds a different block of (the class centres): not averaged over ranks."""
+        return [self.cluster.centres] if self.cluster is not None else []
 
     def param_groups(self, lr: float, wd: float) -> list[dict]:
         """Centres at ``centre_lr_mult`` × lr; raw logit scales without weight decay; projections with it."""

@@ -24,6 +24,7 @@ Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/latest
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,13 +34,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import Comm, run_stage
 from . import checkpoint, data, models
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
 from .config import RECIPES, TrainConfig, to_dict, write_config
 from .recipes import Recipe
+from .step import LOGIT_SCALE_MAX, TrainStep
 
-LOGIT_SCALE_MAX = math.log(100.0)
+__all__ = ["LOGIT_SCALE_MAX", "Prepared", "prepare", "run_train"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,24 +197,223 @@ class _ZeroShotProbe:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
+    """A factory of the step's autocast context (bf16 on CUDA by default, fp32 on CPU)."""
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
-def _check(cfg: TrainConfig) -> None:
+def _check(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
-    for name in ("steps", "batch_size", "ckpt_every"):
+    for name in ("steps", "batch_size", "ckpt_every", "accum_freq"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.grad_clip < 0:
         raise ValueError(f"--lr must be > 0 and --grad-clip >= 0, got {cfg.lr} and {cfg.grad_clip}")
+    if cfg.batch_size % (world * cfg.accum_freq):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of world size x --accum-freq = {world} x "
+            f"{cfg.accum_freq}: every rank's micro-batches have equal size"
+        )
+
+
+def _device(comm: Comm) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training step needs, built as ``run_train`` builds it (``prepare``); nothing written.
+
+    ``batch(i)`` is this rank's share of step ``i``'s global batch (CPU tensors), ``step(batch)`` runs one
+    optimiser step on it (``step.TrainStep``) and returns its terms as device tensors."""
+
+    cfg: TrainConfig
+    comm: Comm
+    device: torch.device
+    student: models.LoadedModel
+    teacher: models.LoadedModel | None
+    model: torch.nn.Module
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: SampleStream
+    builder: BatchBuilder
+    step: TrainStep
+    train_samples: int
+    dataset_samples: int
+    num_classes: int | None
+
+    def batch(self, i: int) -> dict:
+        return self.builder(self.stream.rows(i))
+
+
+def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
+    """Models, data, teacher cache, pseudo-classes, recipe, optimizer and step of ``cfg`` on this rank.
+
+    Under ``torchrun`` rank 0 loads the teacher first (a default teacher is trained once and cached) while
+    the others wait; a failure on any rank is raised on every rank."""
+    comm = comm if comm is not None else Comm()
+    _check(cfg, comm.world)
+    device = _device(comm)
+
+    # -- models
+    torch.manual_seed(cfg.seed)
+    student = models.load_model(cfg.models, "student", seed=cfg.seed, data_cfg=cfg.data)
+    teacher = None
+    if cfg.recipe != "baseline":
+        load = lambda: models.load_model(cfg.models, "teacher", progress=cfg.progress, data_cfg=cfg.data)  # noqa: E731
+        teacher = run_stage(comm, load, root_only=True) if comm.world > 1 else None
+        teacher = teacher if comm.rank == 0 and teacher is not None else load()
+
+    # -- data
+    dataset = data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
+    ds_ids = np.asarray(dataset.ids, dtype=np.int64)
+    train_index = np.arange(len(dataset))
+    emb = cache = labels = None
+    centroids = None
+    if teacher is not None and not cfg.online_teacher:
+        emb = _teacher_cache(cfg, teacher)
+        cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+        missing = ~np.isin(ds_ids, np.asarray(emb["ids"]))
+        if missing.any():
+            raise ValueError(
+                f"--teacher-cache lacks {int(missing.sum())} of the dataset's samples (e.g. id {ds_ids[missing][0]})"
+            )
+    if cfg.recipe == "cid":
+        if emb is None:
+            emb = _teacher_cache(cfg, teacher)  # the pseudo-classes are indexed by cache row
+        kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+        kept_ids = np.asarray(emb["ids"])[kept_rows]
+        train_index = train_index[np.isin(ds_ids, kept_ids)]
+        if cache is None:  # online teacher: labels still come by cache row
+            cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+    stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
+    builder = BatchBuilder(dataset, train_index, cache, labels)
+    t_scale = None
+    if teacher is not None:
+        # on the step's device: the loss ops refuse a scale on another device than the features, and the online
+        # teacher encodes the step's batch where it is (both stayed on the CPU: every teacher recipe failed on CUDA)
+        t_scale = teacher.model.logit_scale.detach().exp().clone().to(device)
+        if cfg.online_teacher:
+            teacher.model.to(device)
+
+    # -- recipe, optimizer, schedule
+    t_dim = teacher.info["embed_dim"] if teacher is not None else student.info["embed_dim"]
+    recipe = Recipe(cfg.recipe, cfg.weights, student.info["embed_dim"], t_dim, centroids=centroids, impl=cfg.impl,
+                    rank=comm.rank, world_size=comm.world, local_loss=cfg.local_loss,
+                    gather_with_grad=cfg.gather_with_grad)  # fmt: skip
+    model = student.model.to(device).train()
+    recipe.to(device)
+    groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.lr, cfg.wd)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_mult")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    step = TrainStep(model, recipe, opt, sched, device=device, comm=comm, accum_freq=cfg.accum_freq,
+                     grad_clip=cfg.grad_clip, autocast=_autocast(cfg, device), dedup_captions=cfg.dedup_captions,
+                     teacher=teacher.model if teacher is not None and cfg.online_teacher else None,
+                     teacher_scale=t_scale, mean_terms=cfg.local_loss)  # fmt: skip
+    n_cls = recipe.cluster.num_classes if recipe.cluster is not None else None
+    return Prepared(cfg, comm, device, student, teacher, model, recipe, opt, sched, stream, builder, step,
+                    len(train_index), len(dataset), n_cls)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: one file in the one-process layout, whatever the world size
+
+
+def _centre_index(p: Prepared) -> int | None:
+    if p.recipe.cluster is None:
+        return None
+    params = [q for g in p.optimizer.param_groups for q in g["params"]]
+    return next(i for i, q in enumerate(params) if q is p.recipe.cluster.centres)
+
+
+def _full_state(p: Prepared) -> tuple[dict, dict] | None:
+    """(recipe, optimizer) state dicts with the sharded centres and their AdamW moments gathered (rank 0; None on
+    the others). Collective: every rank calls it."""
+    rsd, osd = p.recipe.state_dict(), p.optimizer.state_dict()
+    idx = _centre_index(p)
+    if p.comm.world == 1 or idx is None:
+        return rsd, osd
+    n = p.num_classes
+    key = "cluster.centres"
+    full = p.comm.gather_shards(rsd[key], n)
+    state = dict(osd["state"].get(idx, {}))  # a new dict: the packed state holds the live tensors
+    for k in sorted(state):
+        v = state[k]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rsd[key].shape[0]:
+            state[k] = p.comm.gather_shards(v, n)
+    if p.comm.rank != 0:
+        return None
+    rsd = {**rsd, key: full}
+    osd = {**osd, "state": {**osd["state"], idx: state}}
+    return rsd, osd
+
+
+def _load_state(p: Prepared, rsd: dict, osd: dict) -> None:
+    idx = _centre_index(p)
+    if idx is not None and p.comm.world > 1:
+        a, b = p.recipe.cluster.start, p.recipe.cluster.stop
+        n = p.num_classes
+        rsd = {**rsd, "cluster.centres": rsd["cluster.centres"][a:b]}
+        state = {k: (v[a:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
+                 for k, v in osd["state"].get(idx, {}).items()}  # fmt: skip
+        osd = {**osd, "state": {**osd["state"], idx: state}}
+    p.recipe.load_state_dict(rsd)
+    p.optimizer.load_state_dict(osd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+class _Pending:
+    """The last step's terms, read back one step late: on a GPU the next step is queued before the host waits
+    for this one's values (the only host sync of the loop, for the log and the NaN check)."""
+
+    def __init__(self) -> None:
+        self.item = None
+
+    def put(self, step: int, values: dict[str, torch.Tensor], extra: dict) -> None:
+        names = list(values)
+        packed = torch.stack([values[k].float() for k in names]).detach()
+        if packed.is_cuda:
+            packed = packed.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            event = None
+        self.item = (step, names, packed, event, extra)
+
+    def take(self):
+        if self.item is None:
+            return None
+        step, names, packed, event, extra = self.item
+        self.item = None
+        if event is not None:
+            event.synchronize()
+        return step, dict(zip(names, packed.tolist())), extra
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    _check(cfg)
+    comm = Comm(backend="nccl" if torch.cuda.is_available() else "gloo", device=None)
+    try:
+        return _run(cfg, comm)
+    finally:
+        comm.close()
+
+
+def _run(cfg: TrainConfig, comm: Comm) -> dict:
+    _check(cfg, comm.world)
+    root = comm.rank == 0
     out = cfg.out_dir
     ckpt_path = os.path.join(out, "checkpoints", checkpoint.LATEST)
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -235,155 +437,99 @@ def run_train(cfg: TrainConfig) -> dict:
             print(f"{out}: finished ({resume['step']} steps); nothing to resume")
             with open(summary_path) as f:
                 return json.load(f)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # -- models
-    torch.manual_seed(cfg.seed)
-    student = models.load_model(cfg.models, "student", seed=cfg.seed, data_cfg=cfg.data)
-    teacher = None
-    needs_teacher = cfg.recipe != "baseline"
-    if needs_teacher:
-        teacher = models.load_model(cfg.models, "teacher", progress=cfg.progress, data_cfg=cfg.data)
-
-    # -- data
-    dataset = data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
-    ds_ids = np.asarray(dataset.ids, dtype=np.int64)
-    train_index = np.arange(len(dataset))
-    emb = cache = labels = None
-    centroids = None
-    if needs_teacher and not cfg.online_teacher:
-        emb = _teacher_cache(cfg, teacher)
-        cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
-        missing = ~np.isin(ds_ids, np.asarray(emb["ids"]))
-        if missing.any():
-            raise ValueError(
-                f"--teacher-cache lacks {int(missing.sum())} of the dataset's samples (e.g. id {ds_ids[missing][0]})"
-            )
-    if cfg.recipe == "cid":
-        if emb is None:
-            emb = _teacher_cache(cfg, teacher)  # the pseudo-classes are indexed by cache row
-        kept_rows, labels, centroids = _cid_inputs(cfg, emb)
-        kept_ids = np.asarray(emb["ids"])[kept_rows]
-        train_index = train_index[np.isin(ds_ids, kept_ids)]
-        if cache is None:  # online teacher: labels still come by cache row
-            cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
-    stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed)
-    builder = BatchBuilder(dataset, train_index, cache, labels)
-    t_scale = None
-    if teacher is not None:
-        # on the step's device: the loss ops refuse a scale on another device than the features, and the online
-        # teacher encodes the step's batch where it is (both stayed on the CPU: every teacher recipe failed on CUDA)
-        t_scale = teacher.model.logit_scale.detach().exp().clone().to(device)
-        if cfg.online_teacher:
-            teacher.model.to(device)
-
-    # -- recipe, optimizer, schedule
-    t_dim = teacher.info["embed_dim"] if teacher is not None else student.info["embed_dim"]
-    recipe = Recipe(cfg.recipe, cfg.weights, student.info["embed_dim"], t_dim, centroids=centroids, impl=cfg.impl)
-    model = student.model.to(device).train()
-    recipe.to(device)
-    groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.lr, cfg.wd)
-    for g in groups:
-        g["lr"] = cfg.lr * g.pop("lr_mult")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    probe = _ZeroShotProbe(cfg, student) if cfg.eval_every else None
+    p = prepare(cfg, comm)
+    model, student, teacher, opt, sched = p.model, p.student, p.teacher, p.optimizer, p.scheduler
+    probe = _ZeroShotProbe(cfg, student) if cfg.eval_every and root else None
 
     start, lines = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
-        recipe.load_state_dict(resume["recipe"])
-        opt.load_state_dict(resume["optimizer"])
+        _load_state(p, resume["recipe"], resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"])
         start, lines = resume["step"], list(resume["metrics"])
-        print(f"resumed {out} at step {start}")
-    os.makedirs(out, exist_ok=True)
-    clean_tmp(out, os.path.dirname(ckpt_path))  # a kill during a write leaves only *.tmp-* files
-    write_config(cfg, out)
-    # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
-    atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
-    metrics = open(metrics_path, "a", buffering=1)  # line-buffered: `tail -f` shows every step
+        if root:
+            print(f"resumed {out} at step {start}")
+    metrics = None
+    if root:
+        os.makedirs(out, exist_ok=True)
+        clean_tmp(out, os.path.dirname(ckpt_path))  # a kill during a write leaves only *.tmp-* files
+        write_config(cfg, out)
+        # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
+        atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
+        metrics = open(metrics_path, "a", buffering=1)  # line-buffered: `tail -f` shows every step
+    pending = _Pending()
 
-    def save(step: int) -> None:
-        metrics.flush()
-        checkpoint.save(ckpt_path, model=model.state_dict(), model_cfg=student.model_cfg, recipe=recipe.state_dict(),
-                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, metrics=lines,
-                        config=cfg_dict)  # fmt: skip
+    def stop(message: str):
+        if metrics is not None:
+            metrics.close()
+        raise FloatingPointError(f"{message}; the last good checkpoint ({ckpt_path}) is kept")
 
-    def log(record: dict) -> None:
+    def flush() -> None:
+        """Log the pending step (every rank holds the same values: the NaN check agrees without a collective)."""
+        got = pending.take()
+        if got is None:
+            return
+        step, values, extra = got
+        terms = {k: v for k, v in values.items() if k not in ("grad_norm", "logit_scale")}
+        total = sum(terms.values())
+        if not math.isfinite(total):
+            stop(f"non-finite loss at step {step}: {terms}")
+        if not math.isfinite(values["grad_norm"]):  # a finite loss can still have NaN gradients
+            stop(f"non-finite gradient norm at step {step} (loss terms {terms})")
+        record = {"step": step, "epoch": round(p.stream.epoch_of(step), 6), "loss": total, **terms,
+                  "grad_norm": values["grad_norm"], "lr": extra["lr"],
+                  "logit_scale": values["logit_scale"]}  # fmt: skip
+        if probe is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            record.update(probe(model))
         line = json.dumps(record)
         lines.append(line)
-        metrics.write(line + "\n")
+        if metrics is not None:
+            metrics.write(line + "\n")
+            bar.set_postfix(loss=f"{total:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
 
-    autocast = _autocast(cfg, device)
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.recipe}", disable=not cfg.progress, unit="step")
+    def save(step: int) -> None:
+        flush()
+        state = _full_state(p)  # collective
+        if root:
+            metrics.flush()
+            rsd, osd = state
+            checkpoint.save(ckpt_path, model=model.state_dict(), model_cfg=student.model_cfg, recipe=rsd,
+                            optimizer=osd, scheduler=sched.state_dict(), step=step, metrics=lines,
+                            config=cfg_dict)  # fmt: skip
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.recipe}", disable=not (cfg.progress and root),
+               unit="step")  # fmt: skip
     t0, seen = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        batch = builder(stream.rows(step))
-        images, texts = batch["image"].to(device), batch["text"].to(device)
-        with autocast:
-            img = model.encode_image(images)
-            if cfg.dedup_captions:
-                # class-prompt corpora repeat captions: each distinct token row is encoded once and indexed
-                # back (rows are independent through the text tower; backward sums the copies' gradients)
-                distinct, inverse = torch.unique(texts, dim=0, return_inverse=True)
-                txt = model.encode_text(distinct)[inverse]
-            else:
-                txt = model.encode_text(texts)
-            if teacher is not None and cfg.online_teacher:
-                with torch.no_grad():
-                    t_img, t_txt = models.normalized_features(teacher.model, images, texts)
-            elif teacher is not None:
-                t_img, t_txt = batch["dist_image"].to(device), batch["dist_text"].to(device)
-            else:
-                t_img = t_txt = None
-            terms = recipe(img.float(), txt.float(), model.logit_scale.exp(), t_img, t_txt, t_scale,
-                           batch.get("cluster_label"))  # fmt: skip
-        loss = sum(terms.values())
-        values = {k: float(v.detach()) for k, v in terms.items()}  # the step's one host sync: logging and the NaN check
-        total = sum(values.values())
-        if not math.isfinite(total):
-            metrics.close()
-            raise FloatingPointError(
-                f"non-finite loss at step {step + 1}: {values}; the last good checkpoint ({ckpt_path}) is kept"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
-        if not math.isfinite(float(norm)):  # a finite loss can still have NaN gradients: never step on them
-            metrics.close()
-            raise FloatingPointError(
-                f"non-finite gradient norm at step {step + 1} (loss terms {values}); "
-                f"the last good checkpoint ({ckpt_path}) is kept"
-            )
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        record = {"step": step + 1, "epoch": round(stream.epoch_of(step + 1), 6), "loss": total, **values,
-                  "lr": opt.param_groups[0]["lr"], "logit_scale": float(model.logit_scale.detach().exp())}  # fmt: skip
-        if probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            record.update(probe(model))
-        log(record)
-        seen += images.shape[0]
+        batch = p.batch(step)
+        lr = opt.param_groups[0]["lr"]  # the step's learning rate (the schedule advances inside the step)
+        values = p.step(batch)
+        flush()  # the previous step's values: this one is already queued
+        pending.put(step + 1, values, {"lr": lr})
+        seen += batch["image"].shape[0] * comm.world
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        needs_log = probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+        if needs_log:
+            flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
+    flush()
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     seconds = time.perf_counter() - t0
 
     final = os.path.join(out, "student.pt")
-    atomic_torch(final, {"model": model.state_dict(), "model_cfg": student.model_cfg})
     last = json.loads(lines[-1]) if lines else {}
     summary = {
         "recipe": cfg.recipe,
         "steps": cfg.steps,
-        "train_samples": len(train_index),
-        "dataset_samples": len(dataset),
+        "train_samples": p.train_samples,
+        "dataset_samples": p.dataset_samples,
+        "world_size": comm.world,
+        "accum_freq": cfg.accum_freq,
         "final": last,
         "seconds_this_run": seconds,
         "samples_per_second_this_run": seen / seconds if seconds > 0 else None,
@@ -391,6 +537,9 @@ def run_train(cfg: TrainConfig) -> dict:
         "teacher": teacher.info if teacher is not None else None,
         "data": to_dict(cfg.data),
     }
-    atomic_json(os.path.join(out, "summary.json"), summary)
-    print(f"{cfg.recipe}: {cfg.steps} steps on {len(train_index)} samples; student in {final}")
+    if root:
+        atomic_torch(final, {"model": model.state_dict(), "model_cfg": student.model_cfg})
+        atomic_json(os.path.join(out, "summary.json"), summary)
+        print(f"{cfg.recipe}: {cfg.steps} steps on {p.train_samples} samples; student in {final}")
+    comm.barrier()
     return summary

@@ -1,0 +1,202 @@
+"""The trainer at scale: ``torchrun`` data parallel and ``--accum-freq`` give the one-process, one-batch run.
+
+For every recipe, on the same global batch: 2 gloo processes (``torchrun --nproc-per-node 2 -m clipcid_fast.cli
+train``, the command users run) and 1 process with 2 micro-batches per step reach the per-step losses and the
+final student, recipe parameters (class centres gathered from their 2 shards) and AdamW moments of the plain
+1-process run, within fp32 tolerance; cid also under both at once. A 1-process run interrupted after its step-2
+checkpoint and resumed by 2 processes ends where the uninterrupted run ends (each rank takes its block of the
+centres and of their moments from the one-process checkpoint).
+
+The student is a small ViT (no batch-norm: batch statistics differ between micro-batches and ranks, which no
+accumulation or data-parallel scheme makes exact) of another width than the teacher, so the recipes'
+projections are exercised; the teacher, caches, balance and cluster outputs are built as in ``test_train.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clipcid_fast.pipeline import models, train
+from clipcid_fast.pipeline.balance import run_balance, run_cluster
+from clipcid_fast.pipeline.config import RECIPES, DataConfig, EmbedConfig, ModelConfig, TrainConfig, to_yaml
+from clipcid_fast.pipeline.embed import run_embed
+
+pytestmark = pytest.mark.distributed
+
+N_SAMPLES, BATCH, STEPS, N_CLASSES = 160, 16, 3, 6
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vit(embed_dim: int, width: int) -> dict:
+    text = {"hf_tokenizer_name": models.minilm_path(), "vocab_size": 30522, "context_length": 16, "width": width,
+            "heads": 2, "layers": 1, "pool_type": "eos", "eos_id": 102, "pad_id": 0}  # fmt: skip
+    vision = {"layers": 1, "width": width, "head_width": 32, "patch_size": 8, "image_size": 32, "mlp_ratio": 2,
+              "pool_type": "avg"}  # fmt: skip
+    return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
+
+
+@dataclasses.dataclass
+class Assets:
+    models: ModelConfig
+    cache: str
+    balance: str
+    cluster: str
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    root = str(tmp_path_factory.mktemp("parallel_assets"))
+    paths = {}
+    for name, cfg in (("teacher", _vit(48, 64)), ("student", _vit(32, 32))):
+        paths[name] = os.path.join(root, f"{name}.json")
+        with open(paths[name], "w") as f:
+            json.dump(cfg, f)
+    torch.manual_seed(1)
+    weights = os.path.join(root, "teacher.pt")
+    torch.save(models.build_open_clip(_vit(48, 64)).state_dict(), weights)
+    mcfg = ModelConfig(teacher=paths["teacher"], teacher_weights=weights, student=paths["student"])
+    cache, balance, cluster = (os.path.join(root, n) for n in ("cache", "balance", "cluster"))
+    run_embed(EmbedConfig(out_dir=cache, batch_size=64, progress=False, data=DataConfig(student_samples=N_SAMPLES),
+                          models=mcfg))  # fmt: skip
+    run_balance(os.path.join(cache, "image"), balance, ids=os.path.join(cache, "ids"), k=3, niter=5, eps=[0.01],
+                progress=False, plot=False)  # fmt: skip
+    run_cluster(os.path.join(cache, "image"), cluster, N_CLASSES, keep=os.path.join(balance, "keep_eps0.01.npy"),
+                niter=5)  # fmt: skip
+    return Assets(mcfg, cache, balance, cluster)
+
+
+def make_cfg(assets: Assets, out_dir, recipe: str, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out_dir), recipe=recipe, steps=STEPS, batch_size=BATCH, warmup=0, eval_every=0,
+                ckpt_every=STEPS, progress=False, lr=2e-3, seed=5, data=DataConfig(student_samples=N_SAMPLES),
+                models=assets.models)  # fmt: skip
+    if recipe != "baseline":
+        base["teacher_cache"] = assets.cache
+    if recipe == "cid":
+        base.update(cluster_dir=assets.cluster, balance_dir=assets.balance, balance_eps=0.01)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def torchrun(cfg: TrainConfig, nproc: int = 2) -> None:
+    path = os.path.join(os.path.dirname(cfg.out_dir), os.path.basename(cfg.out_dir) + ".yaml")
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "clipcid_fast.cli", "train", "--config", path]  # fmt: skip
+    if cfg.resume:
+        cmd.append("--resume")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+def outcome(cfg: TrainConfig) -> dict:
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    ck = torch.load(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"), weights_only=False)
+    return {"lines": lines, "model": ck["model"], "recipe": ck["recipe"], "opt": ck["optimizer"]["state"]}
+
+
+def assert_same_run(got: dict, want: dict, what: str) -> None:
+    assert [r["step"] for r in got["lines"]] == [r["step"] for r in want["lines"]] == list(range(1, STEPS + 1))
+    for g, w in zip(got["lines"], want["lines"]):
+        for k in w:
+            if k.endswith("_loss") or k in ("loss", "grad_norm", "logit_scale", "lr"):
+                assert g[k] == pytest.approx(w[k], rel=2e-5, abs=2e-6), f"{what}: step {w['step']} {k}"
+    for part in ("model", "recipe"):
+        assert got[part].keys() == want[part].keys()
+        for k in want[part]:
+            # weights move by ~lr per step: fp32 rounding of reordered sums leaves ~1e-6 of it
+            torch.testing.assert_close(got[part][k].float(), want[part][k].float(), atol=2e-6, rtol=1e-4,
+                                       msg=lambda m, k=k, part=part: f"{what}: {part}.{k}: {m}")  # fmt: skip
+    assert got["opt"].keys() == want["opt"].keys()
+    for i in want["opt"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            # gradient entries with cancellation carry fp32 noise relative to the tensor's scale, not their own
+            w = want["opt"][i][k]
+            torch.testing.assert_close(got["opt"][i][k], w, atol=1e-4 * float(w.abs().max()) + 1e-12, rtol=2e-4,
+                                       msg=lambda m, i=i, k=k: f"{what}: optimizer state {i}.{k}: {m}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain(assets, tmp_path_factory) -> dict:
+    """The reference: one process, one batch per step, for every recipe."""
+    runs = {}
+    for recipe in RECIPES:
+        cfg = make_cfg(assets, tmp_path_factory.mktemp(f"plain_{recipe}") / "run", recipe)
+        train.run_train(cfg)
+        runs[recipe] = outcome(cfg)
+    return runs
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_processes_equal_one(recipe, assets, plain, tmp_path):
+    cfg = make_cfg(assets, tmp_path / "run", recipe)
+    torchrun(cfg)
+    got = outcome(cfg)
+    assert_same_run(got, plain[recipe], f"{recipe} torchrun x2")
+    if recipe == "cid":  # the checkpoint holds every centre, in the one-process layout
+        assert got["recipe"]["cluster.centres"].shape[0] == N_CLASSES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_accumulation_equals_one_batch(recipe, assets, plain, tmp_path):
+    cfg = make_cfg(assets, tmp_path / "run", recipe, accum_freq=2)
+    train.run_train(cfg)
+    assert_same_run(outcome(cfg), plain[recipe], f"{recipe} --accum-freq 2")
+
+
+def test_accumulation_under_torchrun_and_a_changed_micro_batch(assets, plain, tmp_path):
+    """cid (sharded centres, both projections' gradients through the cached features) with 2 processes x 2
+    micro-batches; a different micro-batch count changes nothing either."""
+    cfg = make_cfg(assets, tmp_path / "run", "cid", accum_freq=2)
+    torchrun(cfg)
+    assert_same_run(outcome(cfg), plain["cid"], "cid torchrun x2 --accum-freq 2")
+    cfg4 = make_cfg(assets, tmp_path / "run4", "rd", accum_freq=4)
+    train.run_train(cfg4)
+    assert_same_run(outcome(cfg4), plain["rd"], "rd --accum-freq 4")
+
+
+def test_one_process_checkpoint_resumed_by_two(assets, plain, tmp_path, monkeypatch):
+    cfg = make_cfg(assets, tmp_path / "run", "cid", ckpt_every=2)
+    real_save = train.checkpoint.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, **payload):
+        real_save(path, **payload)
+        raise Killed
+
+    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        train.run_train(cfg)
+    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    assert torch.load(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"), weights_only=False)["step"] == 2
+    torchrun(dataclasses.replace(cfg, resume=True))
+    assert_same_run(outcome(cfg), plain["cid"], "cid: 1 process to step 2, 2 processes after")
+
+
+def test_batch_not_divisible(assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path / "run", "kd", batch_size=18, accum_freq=4)
+    with pytest.raises(ValueError, match=r"--batch-size 18 must be a multiple of world size x --accum-freq = 1 x 4"):
+        train.run_train(cfg)
+    with pytest.raises(ValueError, match=r"--accum-freq must be >= 1, got 0"):
+        train.run_train(dataclasses.replace(cfg, batch_size=16, accum_freq=0))
+    assert not os.path.exists(cfg.out_dir)
+
+
+def test_plain_runs_are_not_trivially_equal(plain):
+    """The comparisons above can fail: two recipes' runs differ far beyond their tolerance."""
+    a, b = plain["kd"]["model"], plain["rd"]["model"]
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert diff > 1e-4
+    assert np.isfinite([r["loss"] for r in plain["cid"]["lines"]]).all()
