@@ -717,6 +717,30 @@ def test_cluster_dir_of_other_embeddings(which, match, assets, tmp_path):
     assert not os.path.exists(cfg.out_dir)
 
 
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        ("label", r"labels.npy row 7 is 8, outside \[-1, 8\)"),
+        ("nan", r"centroids.npy row 3 is not finite or has zero norm"),
+        ("zero", r"centroids.npy row 5 is not finite or has zero norm"),
+    ],
+)
+def test_bad_pseudo_class_values_are_refused_once_at_load(corrupt, match, assets, tmp_path):
+    """The cluster loss does not scan its inputs every step: bad labels and centres are refused when they enter."""
+    import shutil
+
+    bad = str(tmp_path / "cluster")
+    shutil.copytree(assets.cluster, bad)
+    labels, cent = np.load(os.path.join(bad, "labels.npy")), np.load(os.path.join(bad, "centroids.npy"))
+    if corrupt == "label":
+        labels[7] = N_CLASSES
+    else:
+        cent[3 if corrupt == "nan" else 5] = np.nan if corrupt == "nan" else 0.0
+    np.save(os.path.join(bad, "labels.npy"), labels)
+    np.save(os.path.join(bad, "centroids.npy"), cent)
+    raises_one_line(ValueError, match, train.run_train, make_cfg(assets, tmp_path / "run", "cid", cluster_dir=bad))
+
+
 def test_teacher_cache_of_another_model_or_dataset(assets, tmp_path):
     """Cache embedded by teacher A, training with teacher B (same architecture, other weights); and a cache of
     another corpus."""

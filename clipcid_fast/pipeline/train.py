@@ -87,6 +87,21 @@ def _check_labels_fit(cluster_dir: str, image, labels: np.ndarray, cent_path: st
         raise ValueError(
             f"--cluster-dir {cluster_dir!r}: centroids.npy is {cent.shape}, the teacher cache's D is {dim}"
         )
+    # the values, once, as they enter: the cluster loss does not scan them every step (check_values=False)
+    bad = np.flatnonzero((labels < -1) | (labels >= cent.shape[0]))
+    if bad.size:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: labels.npy row {bad[0]} is {labels[bad[0]]}, outside [-1, "
+            f"{cent.shape[0]}) (centroids.npy has {cent.shape[0]} rows)"
+        )
+    for s in range(0, cent.shape[0], 65536):
+        block = np.asarray(cent[s : s + 65536], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        broken = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+        if broken.size:
+            raise ValueError(
+                f"--cluster-dir {cluster_dir!r}: centroids.npy row {s + broken[0]} is not finite or has zero norm"
+            )
     rows = np.flatnonzero(labels >= 0)
     if rows.size == 0:
         return
