@@ -155,11 +155,14 @@ def test_accumulation_equals_one_batch(recipe, assets, plain, tmp_path):
 
 
 def test_accumulation_under_torchrun_and_a_changed_micro_batch(assets, plain, tmp_path):
-    """cid (sharded centres, both projections' gradients through the cached features) with 2 processes x 2
-    micro-batches; a different micro-batch count changes nothing either."""
+    """cid (sharded centres, the projection's gradient through the cached features) with 2 processes x 2
+    micro-batches; distill with --local-loss; 4 micro-batches of rd."""
     cfg = make_cfg(assets, tmp_path / "run", "cid", accum_freq=2)
     torchrun(cfg)
     assert_same_run(outcome(cfg), plain["cid"], "cid torchrun x2 --accum-freq 2")
+    local = make_cfg(assets, tmp_path / "local", "distill", local_loss=True)
+    torchrun(local)  # each rank's rows only: the logged terms are the ranks' mean
+    assert_same_run(outcome(local), plain["distill"], "distill torchrun x2 --local-loss")
     cfg4 = make_cfg(assets, tmp_path / "run4", "rd", accum_freq=4)
     train.run_train(cfg4)
     assert_same_run(outcome(cfg4), plain["rd"], "rd --accum-freq 4")
