@@ -1,0 +1,939 @@
+"""One training step, end to end: this trainer (cached teacher, fused or reference losses) against open_clip_train.
+
+    cd /work/main && .venv/bin/python benchmarks/bench_train_step.py --threads 1      # the recorded run (~30 min)
+    .venv/bin/python benchmarks/bench_train_step.py --quick --csv /tmp/ts.csv --plot /tmp/ts.png  # smoke, < 2 min
+
+Providers (issue 12, part 5), each timing one optimiser step on the same global batch (same images, same
+tokens, same initial student weights, same AdamW hyper-parameters, gradient clipping and schedule):
+
+* ``fused`` (a): ``clipcid_fast.pipeline.train.prepare(cfg).step(batch)`` with ``impl="auto"`` (the fused
+  losses) and the teacher's features read from a ``clipcid-fast embed`` cache (``--teacher-cache``);
+* ``reference`` (b): the same step with ``impl="reference"`` (the eager reference losses);
+* ``open_clip_train`` (c): open_clip_train's own loop, ``open_clip_train.train.train_one_epoch`` over a
+  one-batch loader, with its online teacher (``--distill-model`` / ``--distill-pretrained``, a local .pt) and
+  the stock ``open_clip.loss.DistillClipLoss`` (``create_loss``); models from ``create_model_and_transforms``
+  (the student's initial weights given as ``--pretrained``, the same file the trainer starts from), the
+  optimizer built as ``open_clip_train.main`` builds it (AdamW, no weight decay on gains, biases and the
+  logit scale), ``cosine_lr``. Only the ``distill`` recipe exists there.
+
+Model pairs (``--pairs``): ``default`` (the pipeline's default student and teacher, 32-px Fashion-MNIST; the
+teacher is the trained, cached default teacher when ``~/.cache/clipcid_fast`` / ``$CLIPCID_CACHE`` holds it,
+else the same architecture with random weights: the note says which), ``vit`` (stock open_clip ViT-S-32
+student, ViT-B-32 teacher, random weights, 224 px: heavy on a CPU, so small batches and few repeats) and
+``tiny`` (the default student with a small random 384-d ViT teacher: ``--quick`` and the tests).
+
+Per row (long format, ``benchmarks/_harness.COLUMNS``; op ``train_step_<pair>``, provider ``<provider>:<recipe>``):
+
+* mode ``step``, x = global batch B: p20 / p50 / p80 of the step time (``time_fn``; the batch is built
+  before, outside the timed region, by the trainer's own ``prepare(...).batch(0)``), ``peak_mb`` the extra
+  memory of one (the first) step in a fresh process (``peak_memory``: VmHWM − RSS after building everything;
+  it includes AdamW's state, created in the first step); the note has ``samples_s`` = 1000·B / p50,
+  ``loss_ms`` and ``loss_share`` (the loss's forward + backward alone on the same batch's features / p50 of
+  the step), ``baseline_mb`` and ``total_mb`` (baseline + peak: the process's peak RSS during the step);
+* mode ``loss``: the loss forward + backward alone (the features computed once without gradients, then made
+  leaves that require grad; for (a)/(b) the recipe's module, for (c) ``DistillClipLoss``), p20 / p50 / p80;
+* mode ``memory``: the fresh-process memory of one step at the sizes of the largest-batch fit, (a) with gradient
+  accumulation (``accum_freq`` micro-batches of a fixed size, the note says which) and (c) at
+  ``accum_freq = 1`` (open_clip_train refuses accumulation with distillation); ``peak_mb`` = total MB;
+* mode ``max_batch``: the fit total_mb(B) = c0 + c1·B + c2·B² (least squares; c2 ≥ 0) solved for 24e9 bytes
+  (x_name ``B_pred``, ``peak_mb`` = 24000), and one point the machine can afford (``--verify-mb``, default
+  8000 MB, and ``--verify-seconds`` of predicted step time) run in a fresh process (x_name ``B_verified``,
+  ``peak_mb`` = the measured total; the note has the prediction at that B).
+
+The plot (``--plot``, default ``benchmarks/results/train_step.png``): per pair, samples/s against B for every
+provider and recipe, and the memory fit with its 24 GB crossing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._harness import (
+    MB,
+    append_rows,
+    apply_common,
+    common_args,
+    device_name,
+    latest_rows,
+    load_note,
+    peak_memory,
+    read_rows,
+    time_fn,
+    timed_row,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+FACTORY = "benchmarks.bench_train_step:step_factory"
+PROVIDERS = ("fused", "reference", "open_clip_train")
+PROVIDER_LETTER = {"fused": "a", "reference": "b", "open_clip_train": "c"}
+RECIPES = ("distill", "baseline", "kd", "rd", "cid")
+LIMIT_MB = 24e9 / MB  # "fits in 24 GB": 24e9 bytes
+SEED = 0
+# one set of optimiser hyper-parameters for both loops (the trainer's defaults)
+HP = {"lr": 2e-3, "wd": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "grad_clip": 1.0, "warmup": 10, "steps": 1000}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model pairs and their files (teacher weights, the student's initial weights, the teacher cache, pseudo-classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    name: str
+    corpus: int  # images of the student corpus (the cache and the batches; batches larger than it wrap)
+    n_classes: int  # cid's pseudo-classes
+    label: str
+
+
+PAIRS = {
+    "default": PairSpec("default", 4096, 100, "default student / default teacher (32 px)"),
+    "vit": PairSpec("vit", 256, 100, "ViT-S-32 student / ViT-B-32 teacher, random weights (224 px)"),
+    "tiny": PairSpec("tiny", 128, 16, "default student / tiny random 384-d ViT teacher (32 px)"),
+}
+
+
+@dataclasses.dataclass
+class Assets:
+    """Everything a provider needs, as plain strings (it crosses into the memory-measuring child)."""
+
+    pair: str
+    root: str
+    models: dict  # ModelConfig fields of the trainer
+    data: dict  # DataConfig fields
+    cache: str  # clipcid-fast embed output of the teacher on the corpus
+    cluster: str  # run_cluster output (cid)
+    oc_student: str  # open_clip model name of the student (stock, or registered from a JSON here)
+    oc_student_pt: str  # its initial weights (what the trainer's student starts from)
+    oc_teacher: str
+    oc_teacher_pt: str
+    oc_configs: list  # JSON configs to register with open_clip.add_model_config
+    teacher_note: str
+
+
+def tiny_teacher_cfg() -> dict:
+    from clipcid_fast.pipeline import models
+
+    text = {"hf_tokenizer_name": models.minilm_path(), "vocab_size": 30522, "context_length": 16, "width": 64,
+            "heads": 2, "layers": 1, "pool_type": "eos", "eos_id": 102, "pad_id": 0}  # fmt: skip
+    vision = {"layers": 1, "width": 64, "head_width": 32, "patch_size": 8, "image_size": 32, "mlp_ratio": 2,
+              "pool_type": "avg"}  # fmt: skip
+    return {"embed_dim": 384, "vision_cfg": vision, "text_cfg": text}
+
+
+def _default_teacher_cached(mc, dc) -> bool:
+    """Whether the default teacher's trained image tower is in its cache (else it would train for minutes)."""
+    from clipcid_fast.pipeline import models
+
+    cfg = models.default_teacher_cfg(mc.context_length)
+    key = hashlib.sha256(json.dumps(models.teacher_recipe(cfg, mc, dc), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.isfile(os.path.join(os.path.expanduser(mc.cache_dir), f"default-teacher-{key}.pt"))
+
+
+def _save_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _save_weights(path: str, model: torch.nn.Module) -> None:
+    if not os.path.isfile(path):
+        tmp = path + ".tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+
+
+def build_assets(pair: str, work_dir: str | os.PathLike, *, progress: bool = False) -> Assets:
+    """The pair's files under ``work_dir/<pair>`` (reused when present): weights, configs, cache, cluster."""
+    from clipcid_fast.pipeline import models
+    from clipcid_fast.pipeline.balance import run_cluster
+    from clipcid_fast.pipeline.config import DataConfig, EmbedConfig, ModelConfig
+    from clipcid_fast.pipeline.embed import run_embed
+
+    spec = PAIRS[pair]
+    root = os.path.abspath(os.path.join(work_dir, pair))
+    os.makedirs(root, exist_ok=True)
+    p = lambda *names: os.path.join(root, *names)  # noqa: E731
+    data = {"student_samples": spec.corpus}
+    dc = DataConfig(**data)
+    oc_configs = []
+    if pair == "vit":
+        import open_clip
+
+        t_pt = p("vit-b-32-random.pt")
+        if not os.path.isfile(t_pt):
+            torch.manual_seed(1)
+            _save_weights(t_pt, open_clip.create_model("ViT-B-32"))
+        mdict = {"student": "ViT-S-32", "teacher": "ViT-B-32", "teacher_weights": t_pt}
+        oc_student, oc_teacher, note = "ViT-S-32", "ViT-B-32", "ViT-B-32 random weights"
+    else:
+        if pair == "default" and _default_teacher_cached(ModelConfig(), dc):
+            mdict, note = {}, "default teacher, trained (cached)"
+        else:
+            cfg = models.default_teacher_cfg(16) if pair == "default" else tiny_teacher_cfg()
+            _save_json(p("teacher.json"), cfg)
+            torch.manual_seed(1)
+            _save_weights(p("teacher-random.pt"), models.build_open_clip(cfg, which="teacher"))
+            mdict = {"teacher": p("teacher.json"), "teacher_weights": p("teacher-random.pt")}
+            note = "default teacher architecture, random weights" if pair == "default" else "tiny teacher, random"
+        teacher = models.load_model(ModelConfig(**mdict), "teacher", progress=progress, data_cfg=dc)
+        oc_teacher = f"bts-{pair}-teacher"
+        _save_json(p(f"{oc_teacher}.json"), teacher.model_cfg)
+        _save_weights(p(f"{oc_teacher}.pt"), teacher.model)
+        t_pt = p(f"{oc_teacher}.pt")
+        oc_student = f"bts-{pair}-student"
+        student_cfg = models.default_student_cfg(16)
+        _save_json(p(f"{oc_student}.json"), student_cfg)
+        oc_configs = [p(f"{oc_teacher}.json"), p(f"{oc_student}.json")]
+    mc = ModelConfig(**mdict)
+    student = models.load_model(mc, "student", seed=SEED, data_cfg=dc)  # what the trainer starts from
+    s_pt = p(f"student-init-seed{SEED}-{student.fingerprint[:12]}.pt")
+    _save_weights(s_pt, student.model)
+    cache = p("cache")
+    run_embed(EmbedConfig(out_dir=cache, batch_size=256, progress=progress, data=dc, models=mc))
+    cluster = p(f"cluster-n{spec.n_classes}")
+    if not os.path.isfile(os.path.join(cluster, "cluster.json")):
+        run_cluster(os.path.join(cache, "image"), cluster, spec.n_classes, niter=10, seed=SEED)
+    return Assets(pair, root, mdict, data, cache, cluster, oc_student, s_pt, oc_teacher, t_pt, oc_configs, note)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a), (b): the trainer's step
+
+
+def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int = 1):
+    from clipcid_fast.pipeline.config import DataConfig, ModelConfig, TrainConfig
+
+    return TrainConfig(
+        out_dir=os.path.join(assets.root, "unused-out"),
+        recipe=recipe,
+        teacher_cache=assets.cache if recipe != "baseline" else None,
+        cluster_dir=assets.cluster if recipe == "cid" else None,
+        steps=HP["steps"],
+        batch_size=batch,
+        accum_freq=accum,
+        lr=HP["lr"],
+        wd=HP["wd"],
+        beta1=HP["beta1"],
+        beta2=HP["beta2"],
+        eps=HP["eps"],
+        warmup=HP["warmup"],
+        grad_clip=HP["grad_clip"],
+        eval_every=0,
+        ckpt_every=HP["steps"],
+        impl=impl,
+        dedup_captions=False,  # real captions are distinct; the 60 Fashion-MNIST captions would flatter (a)/(b)
+        progress=False,
+        seed=SEED,
+        data=DataConfig(**assets.data),
+        models=ModelConfig(**assets.models),
+    )
+
+
+class TrainerStep:
+    """``prepare(cfg).step(batch)``: one full optimiser step of this trainer on a prebuilt batch."""
+
+    def __init__(self, cfg, report: str | None = None) -> None:
+        from clipcid_fast.pipeline.train import prepare
+
+        self.cfg = cfg
+        self.p = prepare(cfg)
+        self.batch = self.p.batch(0)
+        self.report = report
+        self.last: dict = {}
+
+    def __call__(self):
+        t0 = time.perf_counter()
+        out = self.p.step(self.batch)  # {term: 0-d tensor, grad_norm, logit_scale}
+        if self.report is not None:  # reading the terms back is a host sync: only in the memory child
+            terms = {k: float(v) for k, v in out.items() if k not in ("grad_norm", "logit_scale")}
+            self.values = {**terms, "loss": sum(terms.values())}
+            _report(self.report, time.perf_counter() - t0, self.values)
+        else:
+            self.last = out
+
+    def loss_values(self) -> dict:
+        """The terms of the last step (``loss`` = their sum) as floats."""
+        terms = {k: float(v) for k, v in self.last.items() if k not in ("grad_norm", "logit_scale")}
+        return {**terms, "loss": sum(terms.values())}
+
+    def loss_only(self):
+        """A callable with ``setup``: the recipe's forward + backward alone on this batch's features."""
+        p, b = self.p, self.batch
+        dev = p.device
+        with torch.no_grad():
+            img = p.model.encode_image(b["image"].to(dev)).float()
+            txt = p.model.encode_text(b["text"].to(dev)).float()
+        t_img = b["dist_image"].to(dev) if "dist_image" in b else None
+        t_txt = b["dist_text"].to(dev) if "dist_text" in b else None
+        labels = b["cluster_label"].to(dev) if "cluster_label" in b else None
+        t_scale = p.step.t_scale
+        leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True)]
+
+        class LossOnly:
+            def setup(self):
+                for x in leaves:
+                    x.grad = None
+
+            def __call__(self):
+                terms = p.recipe(leaves[0], leaves[1], p.model.logit_scale.exp(), t_img, t_txt, t_scale, labels)
+                sum(terms.values()).backward()
+
+        return LossOnly()
+
+
+def _report(path: str | None, seconds: float, values: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"seconds": seconds, "values": values}, f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c): open_clip_train's loop with its online teacher and stock DistillClipLoss
+
+
+class _OneBatch:
+    """The loader ``train_one_epoch`` iterates: one (images, texts) batch per epoch."""
+
+    def __init__(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        self.images, self.texts = images, texts
+        self.num_batches = 1
+        self.num_samples = images.shape[0]
+
+    def __iter__(self):
+        yield self.images, self.texts
+
+
+def pipeline_batch(assets: Assets, batch: int) -> dict:
+    """The trainer's step-0 batch (images after the student's preprocess, tokens), built by the pipeline's
+    ``SampleStream`` / ``BatchBuilder`` without a teacher: (c) trains on exactly what (a) does."""
+    from clipcid_fast.pipeline import data, models
+    from clipcid_fast.pipeline.batches import BatchBuilder, SampleStream
+    from clipcid_fast.pipeline.config import DataConfig, ModelConfig
+
+    dc = DataConfig(**assets.data)
+    student = models.load_model(ModelConfig(**assets.models), "student", seed=SEED, data_cfg=dc)
+    ds = data.build_dataset(dc, student.preprocess, student.tokenizer)
+    builder = BatchBuilder(ds, np.arange(len(ds)), None, None)
+    return builder(SampleStream(len(ds), batch, SEED).rows(0))
+
+
+def open_clip_train_args(assets: Assets, batch: int, device: torch.device):
+    from open_clip_train.params import parse_args
+
+    precision = "amp_bf16" if device.type == "cuda" else "fp32"  # the trainer's precision="auto"
+    argv = ["--model", assets.oc_student, "--pretrained", assets.oc_student_pt,
+            "--distill-model", assets.oc_teacher, "--distill-pretrained", assets.oc_teacher_pt,
+            "--batch-size", str(batch), "--precision", precision, "--epochs", "1", "--seed", str(SEED),
+            "--lr", str(HP["lr"]), "--wd", str(HP["wd"]), "--beta1", str(HP["beta1"]), "--beta2", str(HP["beta2"]),
+            "--eps", str(HP["eps"]), "--warmup", str(HP["warmup"]), "--grad-clip-norm", str(HP["grad_clip"]),
+            "--dataset-type", "synthetic", "--log-every-n-steps", "1000000"]  # fmt: skip
+    args = parse_args(argv)
+    # what open_clip_train.main sets up before it trains (one process, no DDP)
+    args.device = str(device)
+    args.distill = True
+    args.wandb = args.tensorboard = False
+    args.distributed, args.world_size, args.rank, args.local_rank = False, 1, 0, 0
+    return args
+
+
+class OpenClipTrainStep:
+    """One step of ``open_clip_train.train.train_one_epoch`` (online teacher, stock ``DistillClipLoss``)."""
+
+    def __init__(self, assets: Assets, batch: int, device: str | torch.device = "cpu", *, images=None, texts=None,
+                 report: str | None = None) -> None:  # fmt: skip
+        import open_clip
+        from open_clip_train.data import DataInfo
+        from open_clip_train.scheduler import cosine_lr
+
+        dev = torch.device(device)
+        for path in assets.oc_configs:
+            open_clip.add_model_config(path)
+        if images is None:
+            b = pipeline_batch(assets, batch)
+            images, texts = b["image"], b["text"]
+        self.args = args = open_clip_train_args(assets, batch, dev)
+        self.model, _, _ = open_clip.create_model_and_transforms(
+            args.model, args.pretrained, precision=args.precision, device=dev, output_dict=True
+        )
+        self.dist_model, _, _ = open_clip.create_model_and_transforms(
+            args.distill_model, args.distill_pretrained, precision=args.precision, device=dev, output_dict=True
+        )
+        # open_clip_train.main's AdamW: no weight decay on 1-D parameters, gains, biases and the logit scale
+        named = [(n, q) for n, q in self.model.named_parameters() if q.requires_grad]
+        no_wd = lambda n, q: q.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [q for n, q in named if no_wd(n, q)], "weight_decay": 0.0},
+             {"params": [q for n, q in named if not no_wd(n, q)], "weight_decay": args.wd}],
+            lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+        )  # fmt: skip
+        self.scheduler = cosine_lr(self.optimizer, args.lr, args.warmup, HP["steps"])
+        self.loss = open_clip.create_loss(args)
+        self.last: dict = {}
+        self.loss.register_forward_hook(self._record)
+        self.data = {"train": DataInfo(dataloader=_OneBatch(images.to(dev), texts.to(dev)))}
+        self.epoch = 0
+        self.report = report
+        self.device = dev
+
+    def _record(self, module, inputs, output):
+        self.last = {k: v.detach() for k, v in output.items()}  # a copy: the loop adds "loss" to that dict later
+
+    def loss_values(self) -> dict:
+        """The loss terms of the last step (``loss`` = their sum, as the loop logs it) as floats."""
+        terms = {k: float(v) for k, v in self.last.items()}
+        return {**terms, "loss": sum(terms.values())}
+
+    def __call__(self):
+        from open_clip_train.train import train_one_epoch
+
+        t0 = time.perf_counter()
+        train_one_epoch(self.model, self.data, self.loss, self.epoch, self.optimizer, None, self.scheduler,
+                        self.dist_model, self.args)  # fmt: skip
+        self.epoch += 1  # one batch per "epoch": the schedule advances one step per call
+        if self.report is not None:
+            _report(self.report, time.perf_counter() - t0, self.loss_values())
+
+    def loss_only(self):
+        """``DistillClipLoss`` forward + backward alone on this batch's student (leaf) and teacher features."""
+        loader = self.data["train"].dataloader
+        with torch.no_grad():
+            out = self.model(loader.images, loader.texts)
+            dist = self.dist_model(loader.images, loader.texts)
+        leaves = {k: out[k].clone().requires_grad_(True) for k in ("image_features", "text_features")}
+        inputs = {f"dist_{k}": v for k, v in dist.items() if k != "logit_bias"}
+        loss, model = self.loss, self.model
+
+        class LossOnly:
+            def setup(self):
+                for x in leaves.values():
+                    x.grad = None
+
+            def __call__(self):
+                losses = loss(**leaves, logit_scale=model.logit_scale.exp(), **inputs, output_dict=True)
+                sum(losses.values()).backward()
+
+        return LossOnly()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the factory of the fresh-process memory runs
+
+
+def make_step(provider: str, assets: Assets, recipe: str, batch: int, *, accum: int = 1, device="cpu",
+              report: str | None = None):  # fmt: skip
+    if provider == "open_clip_train":
+        if recipe != "distill" or accum != 1:
+            raise ValueError("open_clip_train: only the distill recipe, at accum_freq 1 (its main() asserts it)")
+        return OpenClipTrainStep(assets, batch, device, report=report)
+    impl = {"fused": "auto", "reference": "reference"}[provider]
+    return TrainerStep(train_config(assets, recipe, impl, batch, accum), report=report)
+
+
+def step_factory(*, provider: str, assets: dict, recipe: str, batch: int, accum: int = 1, device: str = "cpu",
+                 report: str | None = None, mode: str = "step"):  # fmt: skip
+    """``peak_memory``'s factory (runs in the spawned child): everything built, the step not yet run."""
+    return make_step(provider, Assets(**assets), recipe, batch, accum=accum, device=device, report=report)
+
+
+def measure_memory(provider: str, assets: Assets, recipe: str, batch: int, *, accum: int = 1, device, threads: int):
+    """One step in a fresh process: {peak_mb (extra), baseline_mb, total_mb, seconds, values, method, error}."""
+    report = os.path.join(assets.root, f"report-{os.getpid()}-{time.time_ns()}.json")
+    kwargs = dict(provider=provider, assets=dataclasses.asdict(assets), recipe=recipe, batch=batch, accum=accum,
+                  device=str(device), report=report)  # fmt: skip
+    res = peak_memory(FACTORY, kwargs, "step", device=device, threads=threads)
+    res["total_mb"] = res["peak_mb"] + res["baseline_mb"]
+    try:
+        with open(report) as f:
+            res.update(json.load(f))
+        os.remove(report)
+    except OSError:
+        res.setdefault("seconds", float("nan"))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the largest batch: total memory = c0 + c1·B + c2·B², solved for LIMIT_MB
+
+
+def fit_memory(batches, totals_mb) -> tuple[float, float, float]:
+    """Least squares c0 + c1·B + c2·B² (c2 and c1 kept ≥ 0: memory does not shrink with B)."""
+    x = np.asarray(batches, dtype=np.float64)
+    y = np.asarray(totals_mb, dtype=np.float64)
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) >= 3:
+        c = np.linalg.lstsq(np.stack([np.ones_like(x), x, x * x], 1), y, rcond=None)[0]
+        if c[2] >= 0 and c[1] >= 0:
+            return float(c[0]), float(c[1]), float(c[2])
+    if len(x) >= 2:
+        c = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
+        if c[1] >= 0:
+            return float(c[0]), float(c[1]), 0.0
+    return float(np.max(y)) if len(y) else float("nan"), 0.0, 0.0
+
+
+def predict_mb(c: tuple[float, float, float], batch: float) -> float:
+    return c[0] + c[1] * batch + c[2] * batch * batch
+
+
+def solve_batch(c: tuple[float, float, float], limit_mb: float = LIMIT_MB) -> float:
+    """The largest B with predict_mb(c, B) ≤ limit_mb (real, not rounded)."""
+    c0, c1, c2 = c
+    if c2 > 0:
+        return (-c1 + math.sqrt(c1 * c1 + 4 * c2 * (limit_mb - c0))) / (2 * c2)
+    return (limit_mb - c0) / c1 if c1 > 0 else math.inf
+
+
+def mem_available_mb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plans: which sizes per pair
+
+
+@dataclasses.dataclass
+class Plan:
+    batches: list  # B of the step rows (every provider)
+    recipe_batches: list  # B of the rows of the other recipes ((a), (b))
+    repeats: int
+    fit_a: list  # B of (a)'s memory series (accum with micro-batch micro_a)
+    micro_a: int
+    fit_c: list  # B of (c)'s memory series
+    memory_rows: bool = True  # fresh-process memory for every step row (else only for distill)
+
+
+def plans(quick: bool) -> dict:
+    if quick:
+        return {"tiny": Plan([16, 32], [32], 2, [32, 64], 16, [], memory_rows=False)}
+    return {
+        "default": Plan([256, 1024, 4096], [1024], 3, [2048, 8192, 32768], 512, [1024, 2048, 4096, 8192]),
+        "vit": Plan([8, 16, 32], [16], 2, [32, 64, 128], 8, [8, 16, 32, 64], memory_rows=False),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _versions() -> str:
+    out = []
+    for pkg in ("open_clip_torch", "clipcid_fast"):
+        try:
+            out.append(f"{pkg}={importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return " ".join(out)
+
+
+def _note(**kw) -> str:
+    parts = []
+    for k, v in kw.items():
+        if v is None:
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "; ".join(parts)
+
+
+def _mem_fields(mem: dict | None) -> dict:
+    if not mem:
+        return {}
+    out = {"baseline_mb": round(mem["baseline_mb"], 1), "total_mb": round(mem["total_mb"], 1),
+           "mem_method": mem.get("method")}  # fmt: skip
+    if mem.get("error"):
+        out["mem_error"] = mem["error"][:120]
+    return out
+
+
+def run_step_rows(pair: str, assets: Assets, plan: Plan, args, device, providers, recipes, log, memo: dict):
+    """The step and loss rows; every fresh-process memory result goes into ``memo[(provider, recipe, B, accum)]``."""
+    rows = []
+    op = f"train_step_{pair}"
+    for recipe in recipes:
+        for batch in plan.batches if recipe == "distill" else plan.recipe_batches:
+            for provider in providers:
+                if provider == "open_clip_train" and recipe != "distill":
+                    continue
+                t0 = time.perf_counter()
+                step = make_step(provider, assets, recipe, batch, device=device)
+                timing = time_fn(step, warmup=args.warmup, repeats=plan.repeats, device=device)
+                loss_t = time_fn(step.loss_only(), warmup=1, repeats=max(3, plan.repeats), device=device)
+                built = {"fused": "a", "reference": "b", "open_clip_train": "c"}[provider]
+                del step
+                mem = None
+                if not args.no_memory and (plan.memory_rows or recipe == "distill"):
+                    mem = measure_memory(provider, assets, recipe, batch, device=device, threads=args.threads)
+                    memo[provider, recipe, batch, 1] = mem
+                share = loss_t["p50"] / timing["p50"]
+                sps = 1000.0 * batch / timing["p50"]
+                common = dict(pair=pair, models=PAIRS[pair].label, teacher=_teacher_kind(provider, recipe),
+                              teacher_weights=assets.teacher_note, accum=1)  # fmt: skip
+                note = _note(provider=built, samples_s=sps, loss_ms=loss_t["p50"], loss_share=share,
+                             **_mem_fields(mem), **common, repeats=timing["repeats"], versions=_versions(),
+                             load=load_note())  # fmt: skip
+                rows.append(timed_row(op, f"{provider}:{recipe}", "step", "B", batch, timing, device=device,
+                                      note=note, peak_mb=mem["peak_mb"] if mem else None))  # fmt: skip
+                rows.append(timed_row(op, f"{provider}:{recipe}", "loss", "B", batch, loss_t, device=device,
+                                      note=_note(provider=built, share_of_step=share, **common,
+                                                 load=load_note())))  # fmt: skip
+                log(
+                    f"{op} {provider}:{recipe} B={batch}: {timing['p50']:.0f} ms ({sps:.0f} samples/s), loss "
+                    f"{loss_t['p50']:.0f} ms ({100 * share:.0f} %), peak "
+                    f"{mem['peak_mb'] if mem else float('nan'):.0f} MB  [{time.perf_counter() - t0:.0f} s]"
+                )
+    return rows
+
+
+def _teacher_kind(provider: str, recipe: str) -> str:
+    if recipe == "baseline":
+        return "none"
+    return "online" if provider == "open_clip_train" else "cached"
+
+
+def run_max_batch(pair: str, assets: Assets, plan: Plan, args, device, providers, log, memo: dict) -> list[dict]:
+    """(a) with accumulation (micro-batch plan.micro_a) and (c) at accum 1: memory series, fit, verify.
+
+    (c)'s series also uses the step rows' memory runs (the same configuration), from ``memo``."""
+    rows = []
+    op = f"train_step_{pair}"
+    series = []
+    if "fused" in providers:
+        series.append(("fused", sorted(plan.fit_a), plan.micro_a))
+    if "open_clip_train" in providers:
+        have = {b for (prov, rec, b, acc) in memo if prov == "open_clip_train" and rec == "distill" and acc == 1}
+        series.append(("open_clip_train", sorted(set(plan.fit_c) | have), None))
+    for provider, batches, micro in series:
+        totals, seconds = [], []
+        for batch in batches:
+            accum = max(1, batch // micro) if micro else 1
+            key = (provider, "distill", batch, accum)
+            mem = memo.get(key)
+            if mem is None:
+                mem = memo[key] = measure_memory(provider, assets, "distill", batch, accum=accum, device=device,
+                                                 threads=args.threads)  # fmt: skip
+            totals.append(mem["total_mb"])
+            seconds.append(mem.get("seconds", float("nan")))
+            note = _note(provider=PROVIDER_LETTER[provider], accum=accum, micro_batch=batch // accum,
+                         seconds=mem.get("seconds"), extra_mb=round(mem["peak_mb"], 1), **_mem_fields(mem),
+                         what="peak_mb = total (baseline + extra) of one step in a fresh process",
+                         load=load_note())  # fmt: skip
+            rows.append(dict(op=op, provider=f"{provider}:distill", mode="memory", x_name="B", x_value=batch,
+                             peak_mb=mem["total_mb"], device=str(device), note=note))  # fmt: skip
+            log(
+                f"{op} memory {provider} B={batch} accum={accum}: total {mem['total_mb']:.0f} MB "
+                f"(extra {mem['peak_mb']:.0f}), {mem.get('seconds', float('nan')):.1f} s"
+            )
+        c = fit_memory(batches, totals)
+        b_pred = solve_batch(c)
+        fit_txt = f"{c[0]:.4g} + {c[1]:.4g}*B + {c[2]:.4g}*B^2 MB"
+        micro_txt = {"micro_batch": micro, "accum": "B/micro"} if micro else {"accum": 1}
+        rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_pred",
+                         x_value=int(b_pred) if math.isfinite(b_pred) else "inf", peak_mb=LIMIT_MB, device=str(device),
+                         note=_note(provider=PROVIDER_LETTER[provider], kind="predicted", fit=fit_txt,
+                                    fit_points=",".join(map(str, batches)), limit="24e9 bytes", **micro_txt,
+                                    load=load_note())))  # fmt: skip
+        log(f"{op} max batch {provider}: fit {fit_txt} -> B = {b_pred:,.0f} at 24 GB")
+        # verify the largest affordable batch: memory under --verify-mb (and half of what is free), time under
+        # --verify-seconds (extrapolated from the series, quadratically)
+        budget = min(args.verify_mb, 0.5 * mem_available_mb()) if math.isfinite(mem_available_mb()) else args.verify_mb
+        ts = fit_memory(batches, seconds)  # same model for the time: c0 + c1 B + c2 B²
+        step_b = micro or batches[0]
+        b_v, b = None, batches[-1]
+        while True:
+            nxt = b * 2
+            if predict_mb(c, nxt) > budget or predict_mb(ts, nxt) > args.verify_seconds or nxt > b_pred:
+                break
+            b = nxt
+        b_v = b if b > batches[-1] else None
+        if b_v is None:  # not beyond the series: try 1.5x the last point
+            cand = round(batches[-1] * 1.5 / step_b) * step_b
+            if predict_mb(c, cand) <= budget and predict_mb(ts, cand) <= args.verify_seconds:
+                b_v = cand
+        if b_v is None or args.no_verify or args.quick:
+            log(f"{op} max batch {provider}: no affordable point past the series to verify")
+            continue
+        accum = max(1, b_v // micro) if micro else 1
+        mem = measure_memory(provider, assets, "distill", b_v, accum=accum, device=device, threads=args.threads)
+        pred = predict_mb(c, b_v)
+        rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_verified", x_value=b_v,
+                         peak_mb=mem["total_mb"], device=str(device),
+                         note=_note(provider=PROVIDER_LETTER[provider], kind="verified", predicted_mb=pred,
+                                    error_pct=100 * (mem["total_mb"] - pred) / pred, accum=accum,
+                                    micro_batch=b_v // accum, seconds=mem.get("seconds"), fit=fit_txt,
+                                    **_mem_fields(mem), load=load_note())))  # fmt: skip
+        log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, {pred:.0f} predicted")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plot and the table
+
+
+def _parse_note(note: str) -> dict:
+    out = {}
+    for part in note.split("; "):
+        k, sep, v = part.partition("=")
+        if sep:
+            out[k.strip()] = v
+    return out
+
+
+def _f(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def make_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path) if r["op"].startswith("train_step_")]
+    rows = latest_rows(rows, ("op", "provider", "mode", "x_name", "x_value"))
+    ops = sorted({r["op"] for r in rows}, key=lambda o: ["train_step_default", "train_step_vit"].index(o)
+                 if o in ("train_step_default", "train_step_vit") else 9)  # fmt: skip
+    fig, axes = plt.subplots(len(ops), 2, figsize=(13, 4.8 * len(ops)), squeeze=False, constrained_layout=True)
+    colors = {"fused": "tab:green", "reference": "tab:orange", "open_clip_train": "tab:red"}
+    for ax_t, ax_m, op in [(axes[i][0], axes[i][1], op) for i, op in enumerate(ops)]:
+        steps = [r for r in rows if r["op"] == op and r["mode"] == "step"]
+        for prov in sorted({r["provider"] for r in steps}):
+            rs = sorted([r for r in steps if r["provider"] == prov], key=lambda r: _f(r["x_value"]))
+            x = [_f(r["x_value"]) for r in rs]
+            y = [_f(_parse_note(r["note"]).get("samples_s")) for r in rs]
+            base, recipe = prov.split(":")
+            style = "-" if recipe == "distill" else ":"
+            ax_t.plot(
+                x,
+                y,
+                style,
+                marker="o" if recipe == "distill" else "s",
+                color=colors.get(base, "k"),
+                alpha=1.0 if recipe == "distill" else 0.7,
+                label=f"({PROVIDER_LETTER.get(base, '?')}) {prov}",
+            )
+            for xi, yi in zip(x, y):
+                if math.isfinite(yi):
+                    ax_t.annotate(f"{yi:,.0f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax_t.set_xscale("log", base=2)
+        ax_t.set_yscale("log")
+        ax_t.set_xlabel("global batch B")
+        ax_t.set_ylabel("samples / s (p50; higher is better)")
+        dev = sorted({r["device"] for r in steps}) or ["?"]
+        thr = sorted({r["threads"] for r in steps})
+        ax_t.set_title(f"{op}: one training step — {', '.join(dev)}, {'/'.join(thr)} threads", fontsize=9)
+        ax_t.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=7, ncol=2)
+        mems = [r for r in rows if r["op"] == op and r["mode"] in ("memory", "max_batch")]
+        for prov in sorted({r["provider"] for r in mems}):
+            base = prov.split(":")[0]
+            col = colors.get(base, "k")
+            series = sorted([r for r in mems if r["provider"] == prov and r["mode"] == "memory"],
+                            key=lambda r: _f(r["x_value"]))  # fmt: skip
+            x = [_f(r["x_value"]) for r in series]
+            y = [_f(r["peak_mb"]) for r in series]
+            micro = _parse_note(series[0]["note"]).get("micro_batch") if series else None
+            label = f"({PROVIDER_LETTER.get(base, '?')}) {base}" + (f", accum, micro-batch {micro}" if base == "fused"
+                                                                     else ", accum 1")  # fmt: skip
+            ax_m.plot(x, y, "o", color=col, label=label + " (measured)")
+            pred = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_pred"]
+            ver = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_verified"]
+            if pred:
+                fit = _parse_note(pred[-1]["note"]).get("fit", "")
+                try:
+                    c = [float(t.split("*")[0]) for t in fit.replace(" MB", "").split(" + ")]
+                except ValueError:
+                    c = []
+                b_pred = _f(pred[-1]["x_value"])
+                if len(c) == 3 and x:
+                    hi = b_pred if math.isfinite(b_pred) else max(x) * 4
+                    xs = np.geomspace(min(x), hi, 200)
+                    ax_m.plot(xs, c[0] + c[1] * xs + c[2] * xs * xs, "-", color=col, alpha=0.6)
+                if math.isfinite(b_pred):
+                    ax_m.plot([b_pred], [LIMIT_MB], "*", ms=14, color=col)
+                    ax_m.annotate(f"B ≈ {b_pred:,.0f}", (b_pred, LIMIT_MB), textcoords="offset points",
+                                  xytext=(-30, 8), fontsize=8, color=col)  # fmt: skip
+            for r in ver:
+                ax_m.plot([_f(r["x_value"])], [_f(r["peak_mb"])], "D", ms=8, mfc="none", color=col)
+                ax_m.annotate(f"verified B={r['x_value']}: {_f(r['peak_mb']):,.0f} MB", (_f(r["x_value"]),
+                              _f(r["peak_mb"])), textcoords="offset points", xytext=(6, -12), fontsize=7,
+                              color=col)  # fmt: skip
+        ax_m.axhline(LIMIT_MB, color="k", ls="--", lw=0.8)
+        ax_m.text(0.01, 0.97, "24 GB", transform=ax_m.transAxes, va="top", fontsize=8)
+        ax_m.set_xscale("log", base=2)
+        ax_m.set_yscale("log")
+        ax_m.set_xlabel("global batch B")
+        ax_m.set_ylabel("total memory of one step (MB, peak RSS)")
+        ax_m.set_title(f"{op}: memory fit c0 + c1·B + c2·B², largest batch in 24 GB (★)", fontsize=9)
+        ax_m.grid(True, which="both", alpha=0.3)
+        ax_m.legend(fontsize=7)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _row_order(r: dict) -> tuple:
+    base, recipe = r["provider"].split(":")
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    return (r["op"], RECIPES.index(recipe) if recipe in RECIPES else 9, _f(r["x_value"]), order.get(base, 9))
+
+
+def summary_table(csv_path: str | os.PathLike, ops: list[str] | None = None) -> str:
+    """Markdown: per op, provider and B the samples/s, peak MB and loss share; then the largest batches."""
+    rows = [r for r in read_rows(csv_path) if r["op"].startswith("train_step_") and (not ops or r["op"] in ops)]
+    rows = latest_rows(rows, ("op", "provider", "mode", "x_name", "x_value"))
+    lines = ["| models | provider | recipe | B | step p50 ms | samples/s | peak MB (one step) | loss share |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    steps = [r for r in rows if r["mode"] == "step"]
+    steps.sort(key=_row_order)
+    for r in steps:
+        n = _parse_note(r["note"])
+        base, recipe = r["provider"].split(":")
+        peak = _f(r["peak_mb"])
+        peak_txt = f"{peak:,.0f}" if math.isfinite(peak) else "–"
+        lines.append(
+            f"| {r['op'].removeprefix('train_step_')} | ({PROVIDER_LETTER.get(base, '?')}) {base} | {recipe} "
+            f"| {r['x_value']} | {_f(r['p50_ms']):,.0f} | {_f(n.get('samples_s')):,.1f} | {peak_txt} "
+            f"| {100 * _f(n.get('loss_share')):.0f} % |"
+        )
+    lines += ["", "| models | provider | largest B in 24 GB (predicted) | fit (total MB) | verified B | measured MB "
+              "| predicted MB there |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for op in sorted({r["op"] for r in rows}):
+        for prov in sorted({r["provider"] for r in rows if r["op"] == op and r["mode"] == "max_batch"}):
+            pred = [r for r in rows if r["op"] == op and r["provider"] == prov and r["x_name"] == "B_pred"]
+            ver = [r for r in rows if r["op"] == op and r["provider"] == prov and r["x_name"] == "B_verified"]
+            if not pred:
+                continue
+            pn = _parse_note(pred[-1]["note"])
+            base = prov.split(":")[0]
+            how = f"accum, micro-batch {pn.get('micro_batch')}" if pn.get("micro_batch") else "accum 1"
+            vb = ver[-1]["x_value"] if ver else "–"
+            vm = f"{_f(ver[-1]['peak_mb']):,.0f}" if ver else "–"
+            vp = f"{_f(_parse_note(ver[-1]['note']).get('predicted_mb')):,.0f}" if ver else "–"
+            lines.append(f"| {op.removeprefix('train_step_')} | ({PROVIDER_LETTER.get(base, '?')}) {base} ({how}) | "
+                         f"{_f(pred[-1]['x_value']):,.0f} | {pn.get('fit')} | {vb} | {vm} | {vp} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def goals(csv_path: str | os.PathLike) -> list[str]:
+    """The issue's goals, computed: (a) ≥ 2× (c)'s samples/s at equal B; (a)'s largest batch ≥ 8× (c)'s."""
+    rows = latest_rows([r for r in read_rows(csv_path) if r["op"].startswith("train_step_")],
+                       ("op", "provider", "mode", "x_name", "x_value"))  # fmt: skip
+    out = []
+    for op in sorted({r["op"] for r in rows}):
+        a = {
+            r["x_value"]: r for r in rows if r["op"] == op and r["provider"] == "fused:distill" and r["mode"] == "step"
+        }
+        c = {r["x_value"]: r for r in rows if r["op"] == op and r["provider"] == "open_clip_train:distill"
+             and r["mode"] == "step"}  # fmt: skip
+        for b in sorted(set(a) & set(c), key=float):
+            ratio = _f(c[b]["p50_ms"]) / _f(a[b]["p50_ms"])
+            out.append(f"{op} B={b}: (a)/(c) samples/s = {ratio:.2f}x -> {'MET' if ratio >= 2 else 'NOT met'} (≥ 2x)")
+        pa = [r for r in rows if r["op"] == op and r["provider"] == "fused:distill" and r["x_name"] == "B_pred"]
+        pc = [
+            r for r in rows if r["op"] == op and r["provider"] == "open_clip_train:distill" and r["x_name"] == "B_pred"
+        ]
+        if pa and pc:
+            ratio = _f(pa[-1]["x_value"]) / _f(pc[-1]["x_value"])
+            out.append(f"{op}: largest batch (a)/(c) = {ratio:.1f}x -> {'MET' if ratio >= 8 else 'NOT met'} (≥ 8x)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[common_args()])  # fmt: skip
+    p.set_defaults(csv=RESULTS / "train_step.csv")
+    p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=None,
+                   help="model pairs (default: default vit; --quick: tiny)")  # fmt: skip
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=None, help="(a)/(b) recipes (default: all)")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="override the step rows' batch sizes")
+    p.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench_train_step"),
+                   help="weights, teacher caches, pseudo-classes (reused by a rerun)")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, help="PNG (default: train_step.png beside --csv)")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs of the step rows")
+    p.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch series")
+    p.add_argument("--no-verify", action="store_true", help="fit the largest batch but do not run a point")
+    p.add_argument("--verify-mb", type=float, default=8000.0, help="memory budget of the verified point (MB)")
+    p.add_argument("--verify-seconds", type=float, default=150.0, help="predicted step-time budget of that point")
+    p.add_argument("--table-only", action="store_true", help="print the table and goals of --csv, draw the plot")
+    args = p.parse_args(argv)
+    if args.pairs is None:
+        args.pairs = ["tiny"] if args.quick else ["default", "vit"]
+    if args.plot is None:
+        args.plot = Path(args.csv).with_suffix(".png")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    repeats_given = args.repeats
+    device = apply_common(args)
+    if args.table_only:
+        make_plot(args.csv, args.plot)
+        print(summary_table(args.csv) + "\n\n" + "\n".join(goals(args.csv)))
+        return 0
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}  ({load_note()})", flush=True)
+
+    all_plans = plans(args.quick)
+    for pair in args.pairs:
+        plan = copy.deepcopy(all_plans.get(pair) or plans(True)["tiny"])
+        if args.batches:
+            plan.batches = plan.recipe_batches = list(args.batches)
+        if repeats_given is not None:
+            plan.repeats = repeats_given
+        log(f"{pair}: assets")
+        with contextlib.redirect_stdout(sys.stderr):
+            assets = build_assets(pair, args.work_dir)
+        log(f"{pair}: {assets.teacher_note}")
+        recipes = args.recipes or (["distill", "cid"] if args.quick else list(RECIPES))
+        memo: dict = {}
+        rows = run_step_rows(pair, assets, plan, args, device, args.providers, recipes, log, memo)
+        append_rows(args.csv, rows)
+        if not args.no_max_batch:
+            rows = run_max_batch(pair, assets, plan, args, device, args.providers, log, memo)
+            append_rows(args.csv, rows)
+    make_plot(args.csv, args.plot)
+    ops = [f"train_step_{p}" for p in args.pairs]
+    print("\n" + summary_table(args.csv, ops) + "\n\n" + "\n".join(goals(args.csv)))
+    print(f"\nrows in {args.csv}; plot {args.plot}; {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
