@@ -56,7 +56,7 @@ _WEIGHT_FLAGS = {
     "fd": ("fd_weight", ("kd", "rd"), "kd, rd: feature-distillation weight"),
     "vrd": ("vrd_weight", ("rd",), "rd: VRD weight"),
     "xrd": ("xrd_weight", ("rd",), "rd: XRD weight"),
-    "distill": ("distill_weight", ("distill",), "distill: weight of distill_loss (open_clip: 1)"),
+    "distill": ("distill_weight", ("distill",), "distill: weight of distill_loss (open_clip's is 1)"),
 }
 
 
@@ -86,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         "--clipcid-loss", choices=LOSSES, required=True,
         help="distill: FusedDistillClipLoss (open_clip's DistillClipLoss); kd: CLIP-KD; rd: CLIP-RD",
     )  # fmt: skip
-    p.add_argument("--clipcid-impl", choices=IMPLS, default="auto", help="backend of the fused ops (default auto)")
+    p.add_argument("--clipcid-impl", choices=IMPLS, default="auto", help="backend of the fused ops; default auto")
     for name, (field, _, text) in _WEIGHT_FLAGS.items():
-        p.add_argument(f"--clipcid-{name}-weight", type=_weight, default=None,
-                       help=f"{text} (default {getattr(defaults, field):g})")  # fmt: skip
+        p.add_argument(f"--clipcid-{name}-weight", type=_weight, default=None, metavar="W",
+                       help=f"{text}; default {getattr(defaults, field):g}")  # fmt: skip
     p.add_argument("--clipcid-model-config", action="append", default=[], metavar="PATH",
                    help="a model config JSON (or a folder of them) to register with open_clip.add_model_config, "
                         "so that --model / --distill-model can name it (repeatable)")  # fmt: skip
