@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipcid_fast.pipeline import models, train
 from clipcid_fast.pipeline.balance import run_balance, run_cluster
@@ -203,3 +204,57 @@ def test_plain_runs_are_not_trivially_equal(plain):
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert diff > 1e-4
     assert np.isfinite([r["loss"] for r in plain["cid"]["lines"]]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the step reads nothing back from the device
+
+
+class _ReadBacks(TorchDispatchMode):
+    """Records every op that makes the host wait for a tensor's values (.item(), bool(), nonzero, unique, ...)."""
+
+    OPS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten._unique2",
+           "aten.unique_dim", "aten.unique_consecutive", "aten.masked_select", "aten.repeat_interleave"})  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.OPS:
+            self.seen.append((name, args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def _device_read_backs(p, batch: dict, seen) -> list[str]:
+    """What would sync a GPU: everything but AdamW's step counters (host tensors by design, torch keeps them on
+    the CPU) and the caption dedup's torch.unique on the batch's token tensor (the host's, before any copy)."""
+    steps = [s["step"] for s in p.optimizer.state.values()]
+    host = batch["text"].untyped_storage().data_ptr()
+    out = []
+    for name, t in seen:
+        if any(t is s for s in steps):
+            continue
+        if name in ("aten._unique2", "aten.unique_dim") and t.untyped_storage().data_ptr() == host:
+            continue
+        out.append(f"{name} on {tuple(t.shape)} {t.dtype}")
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_step_reads_nothing_back(recipe, accum, assets, tmp_path):
+    p = train.prepare(make_cfg(assets, tmp_path / "run", recipe, accum_freq=accum))
+    p.step(p.batch(0))  # the first step creates AdamW's state
+    batch = p.batch(1)
+    with _ReadBacks() as watch:
+        values = p.step(batch)
+    assert _device_read_backs(p, batch, watch.seen) == []
+    assert {"loss" not in values, "grad_norm" in values} == {True}  # terms, the norm, the scale: device tensors
+    if recipe == "cid":  # the watch catches a per-step value scan: the cluster loss's debug checks
+        p.recipe.cluster.check_values = True
+        batch = p.batch(2)
+        with _ReadBacks() as watch:
+            p.step(batch)
+        assert any(r.startswith("aten._local_scalar_dense") for r in _device_read_backs(p, batch, watch.seen))
