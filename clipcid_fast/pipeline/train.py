@@ -400,8 +400,9 @@ class _Pending:
     def put(self, step: int, values: dict[str, torch.Tensor], extra: dict) -> None:
         names = list(values)
         packed = torch.stack([values[k].float() for k in names]).detach()
-        if packed.is_cuda:
-            packed = packed.to("cpu", non_blocking=True)
+        if packed.is_cuda:  # into pinned memory: a copy to pageable memory would wait for the device
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            packed = host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
