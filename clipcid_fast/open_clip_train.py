@@ -103,16 +103,16 @@ def parse_plugin_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if stray:
         raise PluginError(f"unknown clipcid-fast flag {stray[0]} (see {PROG} --help)")
     defaults = RecipeWeights()
-    weights = {}
+    opts.weights = {}  # the weights of this loss only
     for name, (field, losses, _) in _WEIGHT_FLAGS.items():
         given = getattr(opts, f"clipcid_{name}_weight")
-        if given is not None and opts.clipcid_loss not in losses:
+        if opts.clipcid_loss in losses:
+            opts.weights[field] = getattr(defaults, field) if given is None else given
+        elif given is not None:
             raise PluginError(
                 f"--clipcid-{name}-weight applies to --clipcid-loss {' / '.join(losses)}, "
                 f"not to --clipcid-loss {opts.clipcid_loss}"
             )
-        weights[field] = getattr(defaults, field) if given is None else given
-    opts.weights = weights
     return opts, rest
 
 
@@ -284,11 +284,9 @@ class _Plugin:
             if self.kind != "distill":
                 raise RuntimeError(f"--clipcid-loss {self.kind}: open_clip_train built no AdamW for the loss's scales")
             self.loss = self.build_loss()
-        weights = {f: v for f, v in self.opts.weights.items() if any(
-            field == f and self.kind in losses for field, losses, _ in _WEIGHT_FLAGS.values())}  # fmt: skip
         logging.info(
             f"clipcid-fast: --clipcid-loss {self.kind}: {type(self.loss.loss).__name__} "
-            f"(impl {self.opts.clipcid_impl}, {weights}) replaces open_clip's DistillClipLoss"
+            f"(impl {self.opts.clipcid_impl}, {self.opts.weights}) replaces open_clip's DistillClipLoss"
         )
         return self.loss
 
