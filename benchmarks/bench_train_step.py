@@ -249,11 +249,13 @@ def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int 
 class TrainerStep:
     """``prepare(cfg).step(batch)``: one full optimiser step of this trainer on a prebuilt batch."""
 
-    def __init__(self, cfg, report: str | None = None) -> None:
+    def __init__(self, cfg, report: str | None = None, keep_teacher: bool = True) -> None:
         from clipcid_fast.pipeline.train import prepare
 
         self.cfg = cfg
         self.p = prepare(cfg)
+        if not keep_teacher:  # timing only: the cached-teacher step never uses it (its memory run keeps it)
+            self.p.teacher = None
         self.batch = self.p.batch(0)
         self.report = report
         self.last: dict = {}
@@ -437,13 +439,13 @@ class OpenClipTrainStep:
 
 
 def make_step(provider: str, assets: Assets, recipe: str, batch: int, *, accum: int = 1, device="cpu",
-              report: str | None = None):  # fmt: skip
+              report: str | None = None, keep_teacher: bool = True):  # fmt: skip
     if provider == "open_clip_train":
         if recipe != "distill" or accum != 1:
             raise ValueError("open_clip_train: only the distill recipe, at accum_freq 1 (its main() asserts it)")
         return OpenClipTrainStep(assets, batch, device, report=report)
     impl = {"fused": "auto", "reference": "reference"}[provider]
-    return TrainerStep(train_config(assets, recipe, impl, batch, accum), report=report)
+    return TrainerStep(train_config(assets, recipe, impl, batch, accum), report=report, keep_teacher=keep_teacher)
 
 
 def step_factory(*, provider: str, assets: dict, recipe: str, batch: int, accum: int = 1, device: str = "cpu",
@@ -531,8 +533,8 @@ def plans(quick: bool) -> dict:
     if quick:
         return {"tiny": Plan([16, 32], [32], 2, [32, 64], 16, [], memory_rows=False)}
     return {
-        "default": Plan([256, 1024, 4096], [1024], 3, [2048, 8192, 32768], 512, [1024, 2048, 4096, 8192]),
-        "vit": Plan([8, 16, 32], [16], 2, [32, 64, 128], 8, [8, 16, 32, 64], memory_rows=False),
+        "default": Plan([256, 1024, 2048], [1024], 3, [2048, 4096, 8192], 512, [4096]),
+        "vit": Plan([8, 16, 32], [8], 2, [16, 32, 64], 8, [64], memory_rows=False),
     }
 
 
@@ -569,40 +571,61 @@ def _mem_fields(mem: dict | None) -> dict:
     return out
 
 
+def time_interleaved(fns: dict, *, warmup: int, repeats: int, device) -> dict:
+    """``time_fn`` per call, round robin over ``fns`` (``warmup`` untimed rounds first), so that a change of the
+    machine's load hits every provider of a row alike; {name: {"p20", "p50", "p80", "times_ms", "repeats"}}."""
+    times: dict = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t = time_fn(fn, warmup=0, repeats=1, device=device)["times_ms"][0]
+            if r >= warmup:
+                times[name].append(t)
+    out = {}
+    for name, ts in times.items():
+        q = np.quantile(np.asarray(ts), [0.2, 0.5, 0.8])  # linear interpolation, as time_fn
+        out[name] = {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2]), "times_ms": ts, "repeats": len(ts)}
+    return out
+
+
 def run_step_rows(pair: str, assets: Assets, plan: Plan, args, device, providers, recipes, log, memo: dict):
-    """The step and loss rows; every fresh-process memory result goes into ``memo[(provider, recipe, B, accum)]``."""
+    """The step and loss rows; every fresh-process memory result goes into ``memo[(provider, recipe, B, accum)]``.
+
+    At each (recipe, B) every provider's step is built first, then timed call by call in turns (and the losses
+    alone the same way), then each one's memory is measured in its own fresh process."""
     rows = []
     op = f"train_step_{pair}"
     for recipe in recipes:
         for batch in plan.batches if recipe == "distill" else plan.recipe_batches:
-            for provider in providers:
-                if provider == "open_clip_train" and recipe != "distill":
-                    continue
-                t0 = time.perf_counter()
-                step = make_step(provider, assets, recipe, batch, device=device)
-                timing = time_fn(step, warmup=args.warmup, repeats=plan.repeats, device=device)
-                loss_t = time_fn(step.loss_only(), warmup=1, repeats=max(3, plan.repeats), device=device)
-                built = {"fused": "a", "reference": "b", "open_clip_train": "c"}[provider]
-                del step
+            provs = [p for p in providers if p != "open_clip_train" or recipe == "distill"]
+            t0 = time.perf_counter()
+            steps = {prov: make_step(prov, assets, recipe, batch, device=device, keep_teacher=False) for prov in provs}
+            timing = time_interleaved(steps, warmup=args.warmup, repeats=plan.repeats, device=device)
+            loss_fns = {prov: step.loss_only() for prov, step in steps.items()}
+            loss_t = time_interleaved(loss_fns, warmup=1, repeats=max(3, plan.repeats), device=device)
+            del steps, loss_fns
+            load = load_note()
+            for provider in provs:
                 mem = None
                 if not args.no_memory and (plan.memory_rows or recipe == "distill"):
                     mem = measure_memory(provider, assets, recipe, batch, device=device, threads=args.threads)
                     memo[provider, recipe, batch, 1] = mem
-                share = loss_t["p50"] / timing["p50"]
-                sps = 1000.0 * batch / timing["p50"]
+                tm, lt = timing[provider], loss_t[provider]
+                share = lt["p50"] / tm["p50"]
+                sps = 1000.0 * batch / tm["p50"]
                 common = dict(pair=pair, models=PAIRS[pair].label, teacher=_teacher_kind(provider, recipe),
                               teacher_weights=assets.teacher_note, accum=1)  # fmt: skip
-                note = _note(provider=built, samples_s=sps, loss_ms=loss_t["p50"], loss_share=share,
-                             **_mem_fields(mem), **common, repeats=timing["repeats"], versions=_versions(),
-                             load=load_note())  # fmt: skip
-                rows.append(timed_row(op, f"{provider}:{recipe}", "step", "B", batch, timing, device=device,
+                note = _note(provider=PROVIDER_LETTER[provider], samples_s=sps, loss_ms=lt["p50"], loss_share=share,
+                             **_mem_fields(mem), **common, repeats=tm["repeats"], warmup=args.warmup,
+                             timing="interleaved with the row's other providers", versions=_versions(),
+                             load=load)  # fmt: skip
+                rows.append(timed_row(op, f"{provider}:{recipe}", "step", "B", batch, tm, device=device,
                                       note=note, peak_mb=mem["peak_mb"] if mem else None))  # fmt: skip
-                rows.append(timed_row(op, f"{provider}:{recipe}", "loss", "B", batch, loss_t, device=device,
-                                      note=_note(provider=built, share_of_step=share, **common,
-                                                 load=load_note())))  # fmt: skip
+                rows.append(timed_row(op, f"{provider}:{recipe}", "loss", "B", batch, lt, device=device,
+                                      note=_note(provider=PROVIDER_LETTER[provider], share_of_step=share, **common,
+                                                 load=load)))  # fmt: skip
                 log(
-                    f"{op} {provider}:{recipe} B={batch}: {timing['p50']:.0f} ms ({sps:.0f} samples/s), loss "
-                    f"{loss_t['p50']:.0f} ms ({100 * share:.0f} %), peak "
+                    f"{op} {provider}:{recipe} B={batch}: {tm['p50']:.0f} ms ({sps:.0f} samples/s), loss "
+                    f"{lt['p50']:.0f} ms ({100 * share:.0f} %), peak "
                     f"{mem['peak_mb'] if mem else float('nan'):.0f} MB  [{time.perf_counter() - t0:.0f} s]"
                 )
     return rows
@@ -648,45 +671,60 @@ def run_max_batch(pair: str, assets: Assets, plan: Plan, args, device, providers
                 f"(extra {mem['peak_mb']:.0f}), {mem.get('seconds', float('nan')):.1f} s"
             )
         c = fit_memory(batches, totals)
-        b_pred = solve_batch(c)
-        fit_txt = f"{c[0]:.4g} + {c[1]:.4g}*B + {c[2]:.4g}*B^2 MB"
+        b_series = solve_batch(c)
+        fit_txt = _fit_txt(c)
+        log(f"{op} max batch {provider}: fit {fit_txt} -> B = {b_series:,.0f} at 24 GB")
+        # verify the largest affordable batch: memory under --verify-mb (and half of what is free), time under
+        # --verify-seconds (the children's step times, extrapolated with the same quadratic model)
+        avail = mem_available_mb()
+        budget = min(args.verify_mb, 0.5 * avail) if math.isfinite(avail) else args.verify_mb
+        ts = fit_memory(batches, seconds)
+        b_v = _verify_point(batches, c, ts, budget, args.verify_seconds, b_series, micro or 1)
+        final_c, final_points = c, batches
+        if b_v is not None and not (args.no_verify or args.quick):
+            accum = max(1, b_v // micro) if micro else 1
+            mem = measure_memory(provider, assets, "distill", b_v, accum=accum, device=device, threads=args.threads)
+            pred = predict_mb(c, b_v)
+            rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_verified",
+                             x_value=b_v, peak_mb=mem["total_mb"], device=str(device),
+                             note=_note(provider=PROVIDER_LETTER[provider], kind="verified", predicted_mb=pred,
+                                        error_pct=100 * (mem["total_mb"] - pred) / pred, accum=accum,
+                                        micro_batch=b_v // accum, seconds=mem.get("seconds"), series_fit=fit_txt,
+                                        **_mem_fields(mem), load=load_note())))  # fmt: skip
+            log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, {pred:.0f} "
+                "predicted by the series")  # fmt: skip
+            if math.isfinite(mem["total_mb"]):
+                final_points = [*batches, b_v]
+                final_c = fit_memory(final_points, [*totals, mem["total_mb"]])
+        else:
+            log(f"{op} max batch {provider}: no point verified")
+        b_pred = solve_batch(final_c)
         micro_txt = {"micro_batch": micro, "accum": "B/micro"} if micro else {"accum": 1}
         rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_pred",
                          x_value=int(b_pred) if math.isfinite(b_pred) else "inf", peak_mb=LIMIT_MB, device=str(device),
-                         note=_note(provider=PROVIDER_LETTER[provider], kind="predicted", fit=fit_txt,
-                                    fit_points=",".join(map(str, batches)), limit="24e9 bytes", **micro_txt,
-                                    load=load_note())))  # fmt: skip
-        log(f"{op} max batch {provider}: fit {fit_txt} -> B = {b_pred:,.0f} at 24 GB")
-        # verify the largest affordable batch: memory under --verify-mb (and half of what is free), time under
-        # --verify-seconds (extrapolated from the series, quadratically)
-        budget = min(args.verify_mb, 0.5 * mem_available_mb()) if math.isfinite(mem_available_mb()) else args.verify_mb
-        ts = fit_memory(batches, seconds)  # same model for the time: c0 + c1 B + c2 B²
-        step_b = micro or batches[0]
-        b_v, b = None, batches[-1]
-        while True:
-            nxt = b * 2
-            if predict_mb(c, nxt) > budget or predict_mb(ts, nxt) > args.verify_seconds or nxt > b_pred:
-                break
-            b = nxt
-        b_v = b if b > batches[-1] else None
-        if b_v is None:  # not beyond the series: try 1.5x the last point
-            cand = round(batches[-1] * 1.5 / step_b) * step_b
-            if predict_mb(c, cand) <= budget and predict_mb(ts, cand) <= args.verify_seconds:
-                b_v = cand
-        if b_v is None or args.no_verify or args.quick:
-            log(f"{op} max batch {provider}: no affordable point past the series to verify")
-            continue
-        accum = max(1, b_v // micro) if micro else 1
-        mem = measure_memory(provider, assets, "distill", b_v, accum=accum, device=device, threads=args.threads)
-        pred = predict_mb(c, b_v)
-        rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_verified", x_value=b_v,
-                         peak_mb=mem["total_mb"], device=str(device),
-                         note=_note(provider=PROVIDER_LETTER[provider], kind="verified", predicted_mb=pred,
-                                    error_pct=100 * (mem["total_mb"] - pred) / pred, accum=accum,
-                                    micro_batch=b_v // accum, seconds=mem.get("seconds"), fit=fit_txt,
-                                    **_mem_fields(mem), load=load_note())))  # fmt: skip
-        log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, {pred:.0f} predicted")
+                         note=_note(provider=PROVIDER_LETTER[provider], kind="predicted", fit=_fit_txt(final_c),
+                                    fit_points=",".join(map(str, final_points)), series_fit=fit_txt,
+                                    series_pred=int(b_series) if math.isfinite(b_series) else "inf",
+                                    limit="24e9 bytes", **micro_txt, load=load_note())))  # fmt: skip
+        log(f"{op} max batch {provider}: fit on every point {_fit_txt(final_c)} -> B = {b_pred:,.0f} at 24 GB")
     return rows
+
+
+def _verify_point(batches, c, ts, budget_mb, budget_s, b_max, step) -> int | None:
+    """The largest doubling of the series' last B whose predicted memory and time fit the budgets (and that
+    stays below the predicted largest batch), else 1.5× the last B if that fits, else None."""
+    fits = lambda b: predict_mb(c, b) <= budget_mb and predict_mb(ts, b) <= budget_s  # noqa: E731
+    b = batches[-1]
+    while fits(2 * b) and 2 * b <= b_max:
+        b *= 2
+    if b > batches[-1]:
+        return b
+    cand = round(batches[-1] * 1.5 / step) * step
+    return cand if fits(cand) else None
+
+
+def _fit_txt(c) -> str:
+    return f"{c[0]:.4g} + {c[1]:.4g}*B + {c[2]:.4g}*B^2 MB"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -824,8 +862,9 @@ def summary_table(csv_path: str | os.PathLike, ops: list[str] | None = None) -> 
             f"| {r['x_value']} | {_f(r['p50_ms']):,.0f} | {_f(n.get('samples_s')):,.1f} | {peak_txt} "
             f"| {100 * _f(n.get('loss_share')):.0f} % |"
         )
-    lines += ["", "| models | provider | largest B in 24 GB (predicted) | fit (total MB) | verified B | measured MB "
-              "| predicted MB there |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines += ["", "| models | provider | largest B in 24 GB (predicted) | fit on every point (total MB) | verified B "
+              "| measured MB | series' prediction there | series alone: largest B |",
+              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for op in sorted({r["op"] for r in rows}):
         for prov in sorted({r["provider"] for r in rows if r["op"] == op and r["mode"] == "max_batch"}):
             pred = [r for r in rows if r["op"] == op and r["provider"] == prov and r["x_name"] == "B_pred"]
@@ -838,8 +877,9 @@ def summary_table(csv_path: str | os.PathLike, ops: list[str] | None = None) -> 
             vb = ver[-1]["x_value"] if ver else "–"
             vm = f"{_f(ver[-1]['peak_mb']):,.0f}" if ver else "–"
             vp = f"{_f(_parse_note(ver[-1]['note']).get('predicted_mb')):,.0f}" if ver else "–"
+            sp = f"{_f(pn.get('series_pred')):,.0f}" if pn.get("series_pred") else "–"
             lines.append(f"| {op.removeprefix('train_step_')} | ({PROVIDER_LETTER.get(base, '?')}) {base} ({how}) | "
-                         f"{_f(pred[-1]['x_value']):,.0f} | {pn.get('fit')} | {vb} | {vm} | {vp} |")  # fmt: skip
+                         f"{_f(pred[-1]['x_value']):,.0f} | {pn.get('fit')} | {vb} | {vm} | {vp} | {sp} |")  # fmt: skip
     return "\n".join(lines)
 
 
