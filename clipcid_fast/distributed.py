@@ -39,9 +39,12 @@ def gather_rows(
         return x
     funcol = _funcol()
     group = group if group is not None else dist.group.WORLD
+    # torch >= 2.14 names them *_single (the *_tensor names warn); older releases have only *_tensor
+    gather_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
     if with_grad:
-        return funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)
-    gathered = funcol.wait_tensor(funcol.all_gather_tensor(x.detach().contiguous(), gather_dim=0, group=group))
+        return gather_grad(x.contiguous(), gather_dim=0, group=group)
+    gathered = funcol.wait_tensor(gather(x.detach().contiguous(), gather_dim=0, group=group))
     parts = list(gathered.chunk(world_size, dim=0))
     if local_slot_grad:
         parts[rank] = x
