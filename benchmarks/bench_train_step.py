@@ -1,7 +1,8 @@
 """One training step, end to end: this trainer (cached teacher, fused or reference losses) against open_clip_train.
 
-    cd /work/main && .venv/bin/python benchmarks/bench_train_step.py --threads 1      # the recorded run (~30 min)
-    .venv/bin/python benchmarks/bench_train_step.py --quick --csv /tmp/ts.csv --plot /tmp/ts.png  # smoke, < 2 min
+    cd /work/main && .venv/bin/python benchmarks/bench_train_step.py --threads 1   # the recorded run (45 min loaded)
+    .venv/bin/python benchmarks/bench_train_step.py --quick --csv /tmp/ts.csv    # smoke: 2-2.5 min on 2 cores
+    .venv/bin/python benchmarks/bench_train_step.py --table-only                 # table + goals of the CSV, plot
 
 Providers (issue 12, part 5), each timing one optimiser step on the same global batch (same images, same
 tokens, same initial student weights, same AdamW hyper-parameters, gradient clipping and schedule):
@@ -24,8 +25,9 @@ student, ViT-B-32 teacher, random weights, 224 px: heavy on a CPU, so small batc
 
 Per row (long format, ``benchmarks/_harness.COLUMNS``; op ``train_step_<pair>``, provider ``<provider>:<recipe>``):
 
-* mode ``step``, x = global batch B: p20 / p50 / p80 of the step time (``time_fn``; the batch is built
-  before, outside the timed region, by the trainer's own ``prepare(...).batch(0)``), ``peak_mb`` the extra
+* mode ``step``, x = global batch B: p20 / p50 / p80 of the step time (``time_fn`` per call, the providers of
+  a row in turns after ``--warmup`` rounds, so a change of load hits all of them; the batch is built before,
+  outside the timed region, by the trainer's own ``prepare(...).batch(0)``), ``peak_mb`` the extra
   memory of one (the first) step in a fresh process (``peak_memory``: VmHWM − RSS after building everything;
   it includes AdamW's state, created in the first step); the note has ``samples_s`` = 1000·B / p50,
   ``loss_ms`` and ``loss_share`` (the loss's forward + backward alone on the same batch's features / p50 of
@@ -35,13 +37,19 @@ Per row (long format, ``benchmarks/_harness.COLUMNS``; op ``train_step_<pair>``,
 * mode ``memory``: the fresh-process memory of one step at the sizes of the largest-batch fit, (a) with gradient
   accumulation (``accum_freq`` micro-batches of a fixed size, the note says which) and (c) at
   ``accum_freq = 1`` (open_clip_train refuses accumulation with distillation); ``peak_mb`` = total MB;
-* mode ``max_batch``: the fit total_mb(B) = c0 + c1·B + c2·B² (least squares; c2 ≥ 0) solved for 24e9 bytes
-  (x_name ``B_pred``, ``peak_mb`` = 24000), and one point the machine can afford (``--verify-mb``, default
-  8000 MB, and ``--verify-seconds`` of predicted step time) run in a fresh process (x_name ``B_verified``,
-  ``peak_mb`` = the measured total; the note has the prediction at that B).
+* mode ``max_batch``: total_mb(B) = c0 + c1·B + c2·B² solved for 24e9 bytes (x_name ``B_pred``, ``peak_mb`` =
+  24000), and one point the machine can afford, run in a fresh process (x_name ``B_verified``, ``peak_mb`` = the
+  measured total). The point: the largest doubling of the series' last B whose memory (the series' quadratic,
+  c1, c2 ≥ 0) stays under ``--verify-mb`` (8000 MB, and half of what is free) and whose step time (the same
+  model on the children's times) under ``--verify-seconds``. The model (``choose_fit``): of the lines through
+  the series' largest k ≥ 2 points and the quadratics through its largest k ≥ 3, the one that predicted the
+  verified point best, refitted with it (at small B the first step's AdamW state, not the batch, sets the
+  peak: a plateau, then the batch's slope); the note has that model, its error at the point and the
+  series-only prediction. ``--refit`` recomputes these rows from a CSV's memory and verified rows.
 
-The plot (``--plot``, default ``benchmarks/results/train_step.png``): per pair, samples/s against B for every
-provider and recipe, and the memory fit with its 24 GB crossing.
+The plot (``--plot``, default ``train_step.png`` beside the CSV): per pair, the distill step's samples/s against
+B for (a), (b), (c); every recipe's samples/s and loss share at one B; the memory points, the model and its
+24 GB crossing.
 """
 
 from __future__ import annotations
@@ -450,8 +458,28 @@ def make_step(provider: str, assets: Assets, recipe: str, batch: int, *, accum: 
 
 def step_factory(*, provider: str, assets: dict, recipe: str, batch: int, accum: int = 1, device: str = "cpu",
                  report: str | None = None, mode: str = "step"):  # fmt: skip
-    """``peak_memory``'s factory (runs in the spawned child): everything built, the step not yet run."""
-    return make_step(provider, Assets(**assets), recipe, batch, accum=accum, device=device, report=report)
+    """``peak_memory``'s factory (runs in the spawned child): everything built, the step not yet run.
+
+    The heap's free memory is given back to the OS before the measurement (``malloc_trim``): loading weights
+    and building the data free hundreds of MB that glibc keeps, and a step that reuses them raises no peak, so
+    small batches would look cheaper than they are (the ViT pair's (c) grew 11, 27, 51 MB per sample at
+    B = 8 → 16 → 32 → 64 without it)."""
+    step = make_step(provider, Assets(**assets), recipe, batch, accum=accum, device=device, report=report)
+    release_free_heap()
+    return step
+
+
+def release_free_heap() -> None:
+    """``gc.collect()`` and glibc's ``malloc_trim(0)`` (a no-op elsewhere): the resident set is then live memory."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def measure_memory(provider: str, assets: Assets, recipe: str, batch: int, *, accum: int = 1, device, threads: int):
@@ -501,6 +529,58 @@ def solve_batch(c: tuple[float, float, float], limit_mb: float = LIMIT_MB) -> fl
     if c2 > 0:
         return (-c1 + math.sqrt(c1 * c1 + 4 * c2 * (limit_mb - c0))) / (2 * c2)
     return (limit_mb - c0) / c1 if c1 > 0 else math.inf
+
+
+def _lstsq(x, y, degree: int) -> tuple[float, float, float] | None:
+    """c0 + c1·B (+ c2·B²) by least squares, or None when a coefficient comes out negative."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    cols = [np.ones_like(x), x] + ([x * x] if degree == 2 else [])
+    c = np.linalg.lstsq(np.stack(cols, 1), y, rcond=None)[0]
+    if c[1] < 0 or (degree == 2 and c[2] < 0):
+        return None
+    return float(c[0]), float(c[1]), float(c[2]) if degree == 2 else 0.0
+
+
+def fit_candidates(batches, totals_mb) -> list[dict]:
+    """Every model of the series' tails: linear on its largest k ≥ 2 points, quadratic on its largest k ≥ 3.
+
+    Why tails: in the first step of a fresh process AdamW creates its state, so at small B the peak is the
+    optimiser's (the same for every B) and the batch-dependent peak only shows past a knee."""
+    pts = sorted((b, y) for b, y in zip(batches, totals_mb) if math.isfinite(y))
+    out = []
+    for start in range(len(pts) - 1):
+        x, y = [b for b, _ in pts[start:]], [v for _, v in pts[start:]]
+        for degree in (1, 2):
+            if len(x) < degree + 1:
+                continue
+            c = _lstsq(x, y, degree)
+            if c is not None:
+                out.append({"model": ("linear", "quadratic")[degree - 1], "points": x, "c": c})
+    return out
+
+
+def choose_fit(batches, totals_mb, verified: tuple[int, float] | None = None) -> dict:
+    """The memory model of the largest batch: ``{"model", "points", "c", "series_c", "series_points", "error_pct"}``.
+
+    Without a verified point: the quadratic on every point (c1, c2 ≥ 0), else the line (``fit_memory``). With one:
+    of every tail model of the series (``fit_candidates``), the one that predicted the verified point best (ties:
+    more points), refitted with that point included; ``error_pct`` is that model's error at the point."""
+    if verified is None or not math.isfinite(verified[1]):
+        c = fit_memory(batches, totals_mb)
+        return {"model": "quadratic" if c[2] > 0 else "linear", "points": sorted(batches), "c": c,
+                "series_c": c, "series_points": sorted(batches), "error_pct": None}  # fmt: skip
+    b_v, y_v = verified
+    cands = fit_candidates(batches, totals_mb)
+    if not cands:
+        return choose_fit(batches, totals_mb)
+    best = min(cands, key=lambda k: (round(abs(predict_mb(k["c"], b_v) - y_v) / y_v, 3), -len(k["points"])))
+    pts = [*best["points"], b_v]
+    ys = [y for b, y in sorted(zip(batches, totals_mb)) if b in best["points"]] + [y_v]
+    degree = 2 if best["model"] == "quadratic" else 1
+    c = _lstsq(pts, ys, degree) or _lstsq(pts, ys, 1) or best["c"]
+    err = 100 * (y_v - predict_mb(best["c"], b_v)) / predict_mb(best["c"], b_v)
+    return {"model": best["model"] if c[2] > 0 or degree == 1 else "linear", "points": pts, "c": c,
+            "series_c": best["c"], "series_points": best["points"], "error_pct": err}  # fmt: skip
 
 
 def mem_available_mb() -> float:
@@ -670,44 +750,83 @@ def run_max_batch(pair: str, assets: Assets, plan: Plan, args, device, providers
                 f"{op} memory {provider} B={batch} accum={accum}: total {mem['total_mb']:.0f} MB "
                 f"(extra {mem['peak_mb']:.0f}), {mem.get('seconds', float('nan')):.1f} s"
             )
-        c = fit_memory(batches, totals)
-        b_series = solve_batch(c)
-        fit_txt = _fit_txt(c)
-        log(f"{op} max batch {provider}: fit {fit_txt} -> B = {b_series:,.0f} at 24 GB")
+        c = fit_memory(batches, totals)  # the conservative model that picks the point to verify
+        log(f"{op} max batch {provider}: series fit {_fit_txt(c)} -> B = {solve_batch(c):,.0f} at 24 GB")
         # verify the largest affordable batch: memory under --verify-mb (and half of what is free), time under
         # --verify-seconds (the children's step times, extrapolated with the same quadratic model)
         avail = mem_available_mb()
         budget = min(args.verify_mb, 0.5 * avail) if math.isfinite(avail) else args.verify_mb
         ts = fit_memory(batches, seconds)
-        b_v = _verify_point(batches, c, ts, budget, args.verify_seconds, b_series, micro or 1)
-        final_c, final_points = c, batches
+        b_v = _verify_point(batches, c, ts, budget, args.verify_seconds, solve_batch(c), micro or 1)
+        verified = None
         if b_v is not None and not (args.no_verify or args.quick):
             accum = max(1, b_v // micro) if micro else 1
             mem = measure_memory(provider, assets, "distill", b_v, accum=accum, device=device, threads=args.threads)
-            pred = predict_mb(c, b_v)
-            rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_verified",
-                             x_value=b_v, peak_mb=mem["total_mb"], device=str(device),
-                             note=_note(provider=PROVIDER_LETTER[provider], kind="verified", predicted_mb=pred,
-                                        error_pct=100 * (mem["total_mb"] - pred) / pred, accum=accum,
-                                        micro_batch=b_v // accum, seconds=mem.get("seconds"), series_fit=fit_txt,
-                                        **_mem_fields(mem), load=load_note())))  # fmt: skip
-            log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, {pred:.0f} "
-                "predicted by the series")  # fmt: skip
-            if math.isfinite(mem["total_mb"]):
-                final_points = [*batches, b_v]
-                final_c = fit_memory(final_points, [*totals, mem["total_mb"]])
+            verified = {"batch": b_v, "total_mb": mem["total_mb"], "accum": accum, "seconds": mem.get("seconds"),
+                        "mem": mem, "chosen_by": _fit_txt(c)}  # fmt: skip
+            log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, "
+                f"{predict_mb(c, b_v):.0f} predicted by the series' quadratic")  # fmt: skip
         else:
             log(f"{op} max batch {provider}: no point verified")
-        b_pred = solve_batch(final_c)
-        micro_txt = {"micro_batch": micro, "accum": "B/micro"} if micro else {"accum": 1}
-        rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_pred",
-                         x_value=int(b_pred) if math.isfinite(b_pred) else "inf", peak_mb=LIMIT_MB, device=str(device),
-                         note=_note(provider=PROVIDER_LETTER[provider], kind="predicted", fit=_fit_txt(final_c),
-                                    fit_points=",".join(map(str, final_points)), series_fit=fit_txt,
-                                    series_pred=int(b_series) if math.isfinite(b_series) else "inf",
-                                    limit="24e9 bytes", **micro_txt, load=load_note())))  # fmt: skip
-        log(f"{op} max batch {provider}: fit on every point {_fit_txt(final_c)} -> B = {b_pred:,.0f} at 24 GB")
+        new_rows = max_batch_rows(op, provider, batches, totals, micro, verified, device)
+        rows += new_rows
+        log(f"{op} max batch {provider}: {new_rows[-1]['note']}")
     return rows
+
+
+def max_batch_rows(op, provider, batches, totals, micro, verified: dict | None, device, load=None) -> list[dict]:
+    """The ``max_batch`` rows: ``B_verified`` (measured total, the chosen series model's prediction there) and
+    ``B_pred`` (that model refitted with the verified point, solved for 24e9 bytes)."""
+    fit = choose_fit(batches, totals, (verified["batch"], verified["total_mb"]) if verified else None)
+    rows = []
+    letter = PROVIDER_LETTER[provider]
+    load = load or load_note()
+    if verified:
+        b_v, pred = verified["batch"], predict_mb(fit["series_c"], verified["batch"])
+        extra = _mem_fields(verified["mem"]) if verified.get("mem") else {}
+        rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_verified", x_value=b_v,
+                         peak_mb=verified["total_mb"], device=str(device),
+                         note=_note(provider=letter, kind="verified", predicted_mb=pred,
+                                    error_pct=fit["error_pct"], model=fit["model"],
+                                    series_fit=_fit_txt(fit["series_c"]),
+                                    series_points=",".join(map(str, fit["series_points"])), accum=verified["accum"],
+                                    micro_batch=b_v // verified["accum"], seconds=verified.get("seconds"),
+                                    chosen_by=verified.get("chosen_by"), **extra, load=load)))  # fmt: skip
+    b_pred, b_series = solve_batch(fit["c"]), solve_batch(fit["series_c"])
+    micro_txt = {"micro_batch": micro, "accum": "B/micro"} if micro else {"accum": 1}
+    as_int = lambda b: int(b) if math.isfinite(b) else "inf"  # noqa: E731
+    rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_pred", x_value=as_int(b_pred),
+                     peak_mb=LIMIT_MB, device=str(device),
+                     note=_note(provider=letter, kind="predicted", model=fit["model"], fit=_fit_txt(fit["c"]),
+                                fit_points=",".join(map(str, fit["points"])), series_fit=_fit_txt(fit["series_c"]),
+                                series_pred=as_int(b_series), limit="24e9 bytes", **micro_txt,
+                                load=load)))  # fmt: skip
+    return rows
+
+
+def refit(csv_path, ops: list[str] | None = None) -> list[dict]:
+    """``max_batch`` rows recomputed from the CSV's latest ``memory`` and ``B_verified`` rows (no measurement)."""
+    rows = latest_rows([r for r in read_rows(csv_path) if r["op"].startswith("train_step_")],
+                       ("op", "provider", "mode", "x_name", "x_value"))  # fmt: skip
+    out = []
+    for op in sorted({r["op"] for r in rows if not ops or r["op"] in ops}):
+        for prov in ("fused:distill", "open_clip_train:distill"):
+            mem = sorted([r for r in rows if r["op"] == op and r["provider"] == prov and r["mode"] == "memory"],
+                         key=lambda r: _f(r["x_value"]))  # fmt: skip
+            if not mem:
+                continue
+            ver = [r for r in rows if r["op"] == op and r["provider"] == prov and r["x_name"] == "B_verified"]
+            verified = None
+            if ver:
+                n = _parse_note(ver[-1]["note"])
+                verified = {"batch": int(ver[-1]["x_value"]), "total_mb": _f(ver[-1]["peak_mb"]),
+                            "accum": int(n.get("accum", 1)), "seconds": _f(n.get("seconds")),
+                            "chosen_by": n.get("chosen_by") or n.get("series_fit") or n.get("fit")}  # fmt: skip
+            micro = _parse_note(mem[0]["note"]).get("micro_batch") if prov.startswith("fused") else None
+            out += max_batch_rows(op, prov.split(":")[0], [int(r["x_value"]) for r in mem],
+                                  [_f(r["peak_mb"]) for r in mem], int(micro) if micro else None, verified,
+                                  mem[-1]["device"], load="refit from the memory rows (no measurement)")  # fmt: skip
+    return out
 
 
 def _verify_point(batches, c, ts, budget_mb, budget_s, b_max, step) -> int | None:
@@ -748,6 +867,8 @@ def _f(x) -> float:
 
 
 def make_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Per pair: distill samples/s against B for (a), (b), (c); every recipe's samples/s (and loss share) at one B;
+    the memory series, the fit and its 24 GB crossing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -755,87 +876,132 @@ def make_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
 
     rows = [r for r in read_rows(csv_path) if r["op"].startswith("train_step_")]
     rows = latest_rows(rows, ("op", "provider", "mode", "x_name", "x_value"))
-    ops = sorted({r["op"] for r in rows}, key=lambda o: ["train_step_default", "train_step_vit"].index(o)
-                 if o in ("train_step_default", "train_step_vit") else 9)  # fmt: skip
-    fig, axes = plt.subplots(len(ops), 2, figsize=(13, 4.8 * len(ops)), squeeze=False, constrained_layout=True)
-    colors = {"fused": "tab:green", "reference": "tab:orange", "open_clip_train": "tab:red"}
-    for ax_t, ax_m, op in [(axes[i][0], axes[i][1], op) for i, op in enumerate(ops)]:
+    known = ["train_step_default", "train_step_vit"]
+    ops = sorted({r["op"] for r in rows}, key=lambda o: (known.index(o) if o in known else 9, o))
+    fig, axes = plt.subplots(len(ops), 3, figsize=(18, 4.8 * len(ops)), squeeze=False, constrained_layout=True,
+                             gridspec_kw={"width_ratios": [1, 1, 1.1]})  # fmt: skip
+    for i, op in enumerate(ops):
         steps = [r for r in rows if r["op"] == op and r["mode"] == "step"]
-        for prov in sorted({r["provider"] for r in steps}):
-            rs = sorted([r for r in steps if r["provider"] == prov], key=lambda r: _f(r["x_value"]))
-            x = [_f(r["x_value"]) for r in rs]
-            y = [_f(_parse_note(r["note"]).get("samples_s")) for r in rs]
-            base, recipe = prov.split(":")
-            style = "-" if recipe == "distill" else ":"
-            ax_t.plot(
-                x,
-                y,
-                style,
-                marker="o" if recipe == "distill" else "s",
-                color=colors.get(base, "k"),
-                alpha=1.0 if recipe == "distill" else 0.7,
-                label=f"({PROVIDER_LETTER.get(base, '?')}) {prov}",
-            )
-            for xi, yi in zip(x, y):
-                if math.isfinite(yi):
-                    ax_t.annotate(f"{yi:,.0f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax_t.set_xscale("log", base=2)
-        ax_t.set_yscale("log")
-        ax_t.set_xlabel("global batch B")
-        ax_t.set_ylabel("samples / s (p50; higher is better)")
-        dev = sorted({r["device"] for r in steps}) or ["?"]
-        thr = sorted({r["threads"] for r in steps})
-        ax_t.set_title(f"{op}: one training step — {', '.join(dev)}, {'/'.join(thr)} threads", fontsize=9)
-        ax_t.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=7, ncol=2)
-        mems = [r for r in rows if r["op"] == op and r["mode"] in ("memory", "max_batch")]
-        for prov in sorted({r["provider"] for r in mems}):
-            base = prov.split(":")[0]
-            col = colors.get(base, "k")
-            series = sorted([r for r in mems if r["provider"] == prov and r["mode"] == "memory"],
-                            key=lambda r: _f(r["x_value"]))  # fmt: skip
-            x = [_f(r["x_value"]) for r in series]
-            y = [_f(r["peak_mb"]) for r in series]
-            micro = _parse_note(series[0]["note"]).get("micro_batch") if series else None
-            label = f"({PROVIDER_LETTER.get(base, '?')}) {base}" + (f", accum, micro-batch {micro}" if base == "fused"
-                                                                     else ", accum 1")  # fmt: skip
-            ax_m.plot(x, y, "o", color=col, label=label + " (measured)")
-            pred = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_pred"]
-            ver = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_verified"]
-            if pred:
-                fit = _parse_note(pred[-1]["note"]).get("fit", "")
-                try:
-                    c = [float(t.split("*")[0]) for t in fit.replace(" MB", "").split(" + ")]
-                except ValueError:
-                    c = []
-                b_pred = _f(pred[-1]["x_value"])
-                if len(c) == 3 and x:
-                    hi = b_pred if math.isfinite(b_pred) else max(x) * 4
-                    xs = np.geomspace(min(x), hi, 200)
-                    ax_m.plot(xs, c[0] + c[1] * xs + c[2] * xs * xs, "-", color=col, alpha=0.6)
-                if math.isfinite(b_pred):
-                    ax_m.plot([b_pred], [LIMIT_MB], "*", ms=14, color=col)
-                    ax_m.annotate(f"B ≈ {b_pred:,.0f}", (b_pred, LIMIT_MB), textcoords="offset points",
-                                  xytext=(-30, 8), fontsize=8, color=col)  # fmt: skip
-            for r in ver:
-                ax_m.plot([_f(r["x_value"])], [_f(r["peak_mb"])], "D", ms=8, mfc="none", color=col)
-                ax_m.annotate(f"verified B={r['x_value']}: {_f(r['peak_mb']):,.0f} MB", (_f(r["x_value"]),
-                              _f(r["peak_mb"])), textcoords="offset points", xytext=(6, -12), fontsize=7,
-                              color=col)  # fmt: skip
-        ax_m.axhline(LIMIT_MB, color="k", ls="--", lw=0.8)
-        ax_m.text(0.01, 0.97, "24 GB", transform=ax_m.transAxes, va="top", fontsize=8)
-        ax_m.set_xscale("log", base=2)
-        ax_m.set_yscale("log")
-        ax_m.set_xlabel("global batch B")
-        ax_m.set_ylabel("total memory of one step (MB, peak RSS)")
-        ax_m.set_title(f"{op}: memory fit c0 + c1·B + c2·B², largest batch in 24 GB (★)", fontsize=9)
-        ax_m.grid(True, which="both", alpha=0.3)
-        ax_m.legend(fontsize=7)
+        _plot_distill(axes[i][0], op, steps)
+        _plot_recipes(axes[i][1], op, steps)
+        _plot_memory(axes[i][2], op, [r for r in rows if r["op"] == op and r["mode"] in ("memory", "max_batch")])
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+COLORS = {"fused": "tab:green", "reference": "tab:orange", "open_clip_train": "tab:red"}
+
+
+def _label(base: str) -> str:
+    return f"({PROVIDER_LETTER.get(base, '?')}) {base}"
+
+
+def _plot_distill(ax, op: str, steps: list[dict]) -> None:
+    for base in PROVIDERS:
+        rs = sorted([r for r in steps if r["provider"] == f"{base}:distill"], key=lambda r: _f(r["x_value"]))
+        if not rs:
+            continue
+        x = [_f(r["x_value"]) for r in rs]
+        y = [_f(_parse_note(r["note"]).get("samples_s")) for r in rs]
+        lo = [1000 * xi / _f(r["p80_ms"]) for xi, r in zip(x, rs)]
+        hi = [1000 * xi / _f(r["p20_ms"]) for xi, r in zip(x, rs)]
+        (line,) = ax.plot(x, y, "-o", color=COLORS[base], label=_label(base))
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:,.1f}" if yi < 100 else f"{yi:,.0f}", (xi, yi), textcoords="offset points",
+                        xytext=(4, 5), fontsize=7, color=line.get_color())  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch B")
+    ax.set_ylabel("samples / s (from p50; band p20–p80)")
+    dev = sorted({r["device"] for r in steps}) or ["?"]
+    thr = sorted({r["threads"] for r in steps})
+    ax.set_title(f"{op.removeprefix('train_step_')}: distill step, samples/s — {', '.join(dev)}, "
+                 f"{'/'.join(thr)} thread(s)", fontsize=9)  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_recipes(ax, op: str, steps: list[dict]) -> None:
+    others = [r for r in steps if not r["provider"].endswith(":distill")]
+    if not others:
+        ax.set_axis_off()
+        return
+    counts: dict = {}
+    for r in others:
+        counts[r["x_value"]] = counts.get(r["x_value"], 0) + 1
+    batch = max(counts, key=lambda b: (counts[b], _f(b)))
+    at = {r["provider"]: r for r in steps if r["x_value"] == batch}
+    recipes = [rc for rc in RECIPES if any(p.endswith(f":{rc}") for p in at)]
+    width = 0.8 / len(PROVIDERS)
+    for j, base in enumerate(PROVIDERS):
+        for k, recipe in enumerate(recipes):
+            r = at.get(f"{base}:{recipe}")
+            if r is None:
+                continue
+            n = _parse_note(r["note"])
+            y = _f(n.get("samples_s"))
+            xk = k + (j - 1) * width
+            ax.bar(xk, y, width, color=COLORS[base], label=_label(base) if k == recipes.index(
+                next(rc for rc in recipes if f"{base}:{rc}" in at)) else None)  # fmt: skip
+            value = f"{y:,.0f}" if y >= 10 else f"{y:.2f}"
+            ax.text(xk, y, f"{value}\n{100 * _f(n.get('loss_share')):.0f} %", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(recipes)))
+    ax.set_xticklabels(recipes)
+    ax.set_ylabel("samples / s (p50); above each bar: the loss's share of the step")
+    ax.set_title(f"{op.removeprefix('train_step_')}: every recipe at B = {batch}", fontsize=9)
+    ax.margins(y=0.15)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_memory(ax, op: str, mems: list[dict]) -> None:
+    for prov in sorted({r["provider"] for r in mems}):
+        base = prov.split(":")[0]
+        col = COLORS.get(base, "k")
+        series = sorted([r for r in mems if r["provider"] == prov and r["mode"] == "memory"],
+                        key=lambda r: _f(r["x_value"]))  # fmt: skip
+        x = [_f(r["x_value"]) for r in series]
+        y = [_f(r["peak_mb"]) for r in series]
+        micro = _parse_note(series[0]["note"]).get("micro_batch") if series else None
+        how = f"accumulation, micro-batch {micro}" if base == "fused" else "accum_freq 1"
+        ax.plot(x, y, "o", color=col, label=f"{_label(base)}, {how} (measured)")
+        pred = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_pred"]
+        ver = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_verified"]
+        for r in ver:
+            ax.plot([_f(r["x_value"])], [_f(r["peak_mb"])], "D", ms=8, mfc="none", color=col)
+            ax.annotate(f"verified B={r['x_value']}: {_f(r['peak_mb']):,.0f} MB", (_f(r["x_value"]), _f(r["peak_mb"])),
+                        textcoords="offset points", xytext=(6, -12), fontsize=7, color=col)  # fmt: skip
+        if not pred:
+            continue
+        fit = _parse_note(pred[-1]["note"]).get("fit", "")
+        try:
+            c = [float(t.split("*")[0]) for t in fit.replace(" MB", "").split(" + ")]
+        except ValueError:
+            c = []
+        b_pred = _f(pred[-1]["x_value"])
+        fit_points = [_f(v) for v in _parse_note(pred[-1]["note"]).get("fit_points", "").split(",") if v]
+        lo = min(fit_points) if fit_points else min(x, default=float("nan"))
+        if len(c) == 3 and math.isfinite(lo):  # the model over the points it was fitted on, up to 24 GB
+            xs = np.geomspace(lo, b_pred if math.isfinite(b_pred) else lo * 64, 200)
+            ax.plot(xs, c[0] + c[1] * xs + c[2] * xs * xs, "-", color=col, alpha=0.6)
+        if math.isfinite(b_pred):
+            ax.plot([b_pred], [LIMIT_MB], "*", ms=14, color=col)
+            ax.annotate(f"B ≈ {b_pred:,.0f}", (b_pred, LIMIT_MB), textcoords="offset points", xytext=(-40, 8),
+                        fontsize=8, color=col)  # fmt: skip
+    ax.axhline(LIMIT_MB, color="k", ls="--", lw=0.8)
+    ax.text(0.01, 0.97, "24 GB", transform=ax.transAxes, va="top", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch B")
+    ax.set_ylabel("total memory of one step (MB, peak RSS)")
+    ax.set_title(f"{op.removeprefix('train_step_')}: memory of one distill step, fit c0 + c1·B + c2·B², "
+                 "largest batch in 24 GB (★)", fontsize=9)  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _row_order(r: dict) -> tuple:
@@ -929,6 +1095,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-mb", type=float, default=8000.0, help="memory budget of the verified point (MB)")
     p.add_argument("--verify-seconds", type=float, default=150.0, help="predicted step-time budget of that point")
     p.add_argument("--table-only", action="store_true", help="print the table and goals of --csv, draw the plot")
+    refit_help = "recompute the max_batch rows of --csv from its memory and verified rows; then --table-only"
+    p.add_argument("--refit", action="store_true", help=refit_help)
     args = p.parse_args(argv)
     if args.pairs is None:
         args.pairs = ["tiny"] if args.quick else ["default", "vit"]
@@ -941,7 +1109,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     repeats_given = args.repeats
     device = apply_common(args)
-    if args.table_only:
+    if args.refit:
+        append_rows(args.csv, refit(args.csv))
+    if args.table_only or args.refit:
         make_plot(args.csv, args.plot)
         print(summary_table(args.csv) + "\n\n" + "\n".join(goals(args.csv)))
         return 0

@@ -107,6 +107,25 @@ def test_fit_and_solve():
     assert lin[2] == pytest.approx(0, abs=1e-9) and T.solve_batch(lin, 24000) == pytest.approx((24000 - 480) / 2)
 
 
+def test_the_verified_point_chooses_the_model():
+    # a plateau (the first step's optimiser state sets the peak), then 50 MB per sample: a fit through every point
+    # misses the held-out point by more than 5 %; the line through the tail predicts it
+    batches = [8, 16, 32, 64]
+    totals = [2845.0, 2937.0, 1700 + 50 * 32, 1700 + 50 * 64]
+    naive = T.fit_memory(batches, totals)
+    assert abs(T.predict_mb(naive, 96) - (1700 + 50 * 96)) > 0.05 * (1700 + 50 * 96)
+    fit = T.choose_fit(batches, totals, (96, 1700 + 50 * 96))
+    assert fit["model"] == "linear" and fit["series_points"] == [32, 64] and abs(fit["error_pct"]) < 1e-6
+    assert fit["c"] == pytest.approx((1700, 50, 0), rel=1e-6) and fit["points"] == [32, 64, 96]
+    assert T.solve_batch(fit["c"]) == pytest.approx((T.LIMIT_MB - 1700) / 50)
+    # a real B² term (the stock loss) is kept when it predicts the point
+    q = lambda b: 1200 + 0.5 * b + 4e-5 * b * b  # noqa: E731
+    fit = T.choose_fit([1024, 2048, 4096], [q(1024), q(2048), q(4096)], (8192, q(8192)))
+    assert fit["model"] == "quadratic" and fit["c"] == pytest.approx((1200, 0.5, 4e-5), rel=1e-6)
+    # without a verified point: the conservative quadratic of fit_memory
+    assert T.choose_fit(batches, totals)["c"] == pytest.approx(naive)
+
+
 @pytest.mark.slow
 def test_quick_mode_writes_well_formed_rows(assets, work):
     csv_path, png = work / "train_step.csv", work / "train_step.png"
