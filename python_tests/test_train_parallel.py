@@ -258,3 +258,16 @@ def test_a_step_reads_nothing_back(recipe, accum, assets, tmp_path):
         with _ReadBacks() as watch:
             p.step(batch)
         assert any(r.startswith("aten._local_scalar_dense") for r in _device_read_backs(p, batch, watch.seen))
+
+
+def test_batch_builder_cache_is_bounded(assets, tmp_path):
+    """Preprocessed images are kept up to cache_bytes; past it they are recomputed, and batches are the same."""
+    p = train.prepare(make_cfg(assets, tmp_path / "run", "kd"))
+    one = p.builder.ds[0]
+    per_item = sum(v.nbytes for v in one.values() if isinstance(v, torch.Tensor))
+    small = train.BatchBuilder(p.builder.ds, p.builder.train_index, p.builder.teacher, None, cache_bytes=3 * per_item)
+    rows = np.arange(8)
+    first, again = small(rows), small(rows)
+    assert len(small._items) == 3 and small._cached_bytes == 3 * per_item
+    for k in ("image", "text", "dist_image"):
+        assert torch.equal(first[k], again[k]) and torch.equal(first[k], p.builder(rows)[k])

@@ -9,7 +9,8 @@ r-th contiguous slice of the global batch (B divisible by W).
 A batch is assembled from the map-style dataset (image after the model's preprocess, tokens), and, by
 sample id, from the teacher's embedding cache and the pseudo-class labels. The deterministic preprocess of
 each image is kept after its first use (the eval transform has no randomness), which saves its cost on
-every later epoch.
+every later epoch, up to ``cache_bytes`` (default 2 GB) of preprocessed images: past that, images are
+preprocessed on every use (at 224 px an image is 0.6 MB, so an unbounded cache grew with every image seen).
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ class SampleStream:
 class BatchBuilder:
     """Turns training-row positions into tensors: images, tokens, teacher features, pseudo-labels."""
 
-    def __init__(self, dataset, train_index: np.ndarray, teacher: dict | None, labels: np.ndarray | None) -> None:
+    def __init__(
+        self, dataset, train_index: np.ndarray, teacher: dict | None, labels: np.ndarray | None,
+        cache_bytes: int = 2 * 10**9,
+    ) -> None:  # fmt: skip
         self.ds = dataset
+        self.cache_bytes, self._cached_bytes = cache_bytes, 0
         self.train_index = train_index  # training row -> dataset index
         self.teacher = teacher  # {"image": [n, D], "text": [n, D], "row_of": id -> cache row} or None
         self.labels = labels  # cache row -> pseudo-class (cid), or None
@@ -65,7 +70,11 @@ class BatchBuilder:
     def _item(self, i: int) -> dict:
         item = self._items.get(i)
         if item is None:
-            item = self._items[i] = self.ds[i]
+            item = self.ds[i]
+            size = sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor))
+            if self._cached_bytes + size <= self.cache_bytes:
+                self._items[i] = item
+                self._cached_bytes += size
         return item
 
     def __call__(self, rows: np.ndarray) -> dict:
