@@ -115,8 +115,15 @@ def assert_same_run(got: dict, want: dict, what: str) -> None:
     for part in ("model", "recipe"):
         assert got[part].keys() == want[part].keys()
         for k in want[part]:
+            g, w = got[part][k].float(), want[part][k].float()
+            if k.endswith("attn.in_proj_bias"):
+                # the key bias shifts every logit of a softmax row alike: its exact gradient is 0, so AdamW turns
+                # each run's rounding noise there into steps of its own (up to ~1e-5 here); compared loosely
+                third = w.shape[0] // 3
+                torch.testing.assert_close(g[third : 2 * third], w[third : 2 * third], atol=1e-4, rtol=0)
+                g, w = torch.cat([g[:third], g[2 * third :]]), torch.cat([w[:third], w[2 * third :]])
             # weights move by ~lr per step: fp32 rounding of reordered sums leaves ~1e-6 of it
-            torch.testing.assert_close(got[part][k].float(), want[part][k].float(), atol=2e-6, rtol=1e-4,
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-4,
                                        msg=lambda m, k=k, part=part: f"{what}: {part}.{k}: {m}")  # fmt: skip
     assert got["opt"].keys() == want["opt"].keys()
     for i in want["opt"]:
