@@ -9,6 +9,15 @@ through the fused K2 op (``ops/relational_rows.py``); ``impl`` picks its backend
 
 Teacher features (``dist_*``) are treated as constants: the fused op gives them no gradient
 (open_clip's teacher runs under ``torch.no_grad``; CLIP-KD and CLIP-RD detach their targets).
+
+Hot path: a forward (and its backward) checks shapes, dtypes and devices only. It reads no tensor's values and
+never syncs the host — no ``.item()`` / ``bool(tensor)`` / ``float(tensor)``, no ``nonzero`` or other
+data-dependent shapes, no host→device copy of a Python number (logit scales may be floats or one-element
+tensors, on the features' device). Values are checked once where data enters
+(:meth:`ClusterDiscriminationLoss.check_labels`, :meth:`ClusterDiscriminationLoss.check_centres`, which
+``from_centroids`` runs at load), or every step behind the explicit debug flag
+``ClusterDiscriminationLoss(check_values=True)``; a NaN shows in the loss value the step already has.
+``python_tests/test_no_host_sync.py`` holds every module to this.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distributed import gather_rows, shard_range, sharded_margin_softmax_rows
-from .ops.margin_softmax import cluster_discrimination_loss, margin_softmax_stats
+from .ops.margin_softmax import check_labels, check_rows, cluster_discrimination_loss, margin_softmax_stats
 from .ops.relational_rows import relational_distill, relational_kd_rows
 
 __all__ = [
@@ -326,9 +335,14 @@ class ClusterDiscriminationLoss(nn.Module):
     rank. ``forward(embeddings [B, D], labels [B]) -> scalar`` (``output_dict=True``:
     ``{"cluster_loss": ...}``). Centres init N(0, 0.01) as unicom's PartialFC, or from a centroid file.
 
-    ``check_values`` (default True) is passed to the functional loss: it reads the labels and every centre
-    each step (a host sync, and one extra pass over the N×D centres); pass False in a GPU training loop once
-    the inputs are known to be clean.
+    Validation. ``forward`` checks shapes, dtypes and devices only (``ValueError``) and reads no values: no
+    host sync, no pass over the centres beyond the loss's own (the C++ kernel still refuses an out-of-range
+    label with a RuntimeError, from the labels it reads anyway). Values are checked once where data enters:
+    :meth:`check_labels` (every label in ``[−1, num_classes)``; call it on a data set's labels at load) and
+    :meth:`check_centres` (this rank's centres finite, no zero row; ``from_centroids`` runs it on the file it
+    loads). ``check_values=True`` is a debug flag: every step then runs the functional loss's value checks
+    (labels, NaN / inf, zero-norm rows of embeddings and centres), which read the labels and every centre
+    and sync the host each step; NaN inputs otherwise show as a NaN loss, which the step already has.
     """
 
     def __init__(
@@ -342,7 +356,7 @@ class ClusterDiscriminationLoss(nn.Module):
         learnable_centres: bool = True,
         weight: float = 1.0,
         impl: str = "auto",
-        check_values: bool = True,
+        check_values: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or embed_dim < 1:
@@ -357,7 +371,8 @@ class ClusterDiscriminationLoss(nn.Module):
 
     @classmethod
     def from_centroids(cls, path: str, rank: int = 0, world_size: int = 1, **kwargs) -> ClusterDiscriminationLoss:
-        """Initialise from ``centroids.npy`` [N, D] written by ``clipcid-fast cluster``: this rank's block only."""
+        """Initialise from ``centroids.npy`` [N, D] written by ``clipcid-fast cluster``: this rank's block only,
+        value-checked once here (:meth:`check_centres`; ``ValueError`` naming the file)."""
         import numpy as np
 
         full = np.load(path, mmap_mode="r")
@@ -366,13 +381,35 @@ class ClusterDiscriminationLoss(nn.Module):
         mod = cls(full.shape[0], full.shape[1], rank=rank, world_size=world_size, **kwargs)
         with torch.no_grad():  # np.array copies the memory-mapped rows: torch warns on a read-only buffer
             mod.centres.copy_(torch.from_numpy(np.array(full[mod.start : mod.stop], dtype=np.float32)))
+        try:
+            mod.check_centres()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return mod
+
+    def check_labels(self, labels: Tensor) -> None:
+        """Value check for data entering the loop (reads the labels, one host sync; not for every step): a 1-D
+        integer tensor of global class ids, each in ``[−1, num_classes)`` (−1: no label). ``ValueError`` naming
+        the first bad entry. Any length: a batch or a whole data set's labels."""
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(
+                f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)} "
+                f"of shape {tuple(getattr(labels, 'shape', ()))}"
+            )
+        check_labels(labels, self.num_classes)
+
+    def check_centres(self) -> None:
+        """Value check of this rank's centres (reads them once in slices, one host sync; for load time or after
+        loading a checkpoint, not for every step): every entry finite and no row of zero norm (a centre is
+        L2-normalised in the loss). ``ValueError`` naming the first bad entry."""
+        with torch.no_grad():
+            check_rows("centres", self.centres.detach())
 
     def forward(self, embeddings: Tensor, labels: Tensor, output_dict: bool = False):
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
-            raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(embeddings.shape)}")
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(getattr(embeddings, 'shape', ()))}")
         if self.world_size == 1:
             loss = cluster_discrimination_loss(
                 embeddings, self.centres, labels, self.scale, self.margin, reduction="mean", impl=self.impl,
@@ -381,6 +418,8 @@ class ClusterDiscriminationLoss(nn.Module):
         else:
             x = gather_rows(embeddings, rank=self.rank, world_size=self.world_size, with_grad=True)
             y = gather_rows(labels, rank=self.rank, world_size=self.world_size, with_grad=False, local_slot_grad=False)
+            if self.check_values:
+                check_labels(y, self.num_classes)  # the global ids (the local ones are always in range)
             mine = (y >= self.start) & (y < self.stop)
             local = torch.where(mine, y - self.start, -1)
             lse, target = margin_softmax_stats(

@@ -296,31 +296,36 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.save_for_backward(gx, gw)
 
 
+def has_scale_kernel() -> bool:
+    """True when the C++ op ``margin_softmax_scale_`` (the single pass's in-place backward) is registered."""
+    return hasattr(torch.ops.clipcid_fast_C, "margin_softmax_scale_")
+
+
 def _fused_backward(ctx, g_loss, _gx, _gw):
     # The stored gradients are scaled in place and handed over (no second N×D buffer); a second backward
     # through the same graph (retain_graph=True) therefore fails autograd's in-place check instead of
-    # returning wrong numbers.
+    # returning wrong numbers (their version counters are bumped even when the scale is 1).
+    # No host sync: the C++ op reads the CPU scalar grad_output itself and skips the N×D pass when it is 1
+    # (a Python `bool(g_loss == 1)` here was a value read through the dispatcher on every step).
     gx, gw = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if g_loss is None:
         return (None,) * 10
-    # always scaled (by 1.0 too, which is exact): a `bool(g_loss == 1)` shortcut read the value back every step
-    if need_x and gx.numel():
-        gx.mul_(g_loss.to(gx.dtype))
-    if need_w and gw.numel():
-        gw.mul_(g_loss.to(gw.dtype))
-    return (
-        (gx if need_x and gx.numel() else None),
-        (gw if need_w and gw.numel() else None),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    gx_out = gx if need_x and gx.numel() else None
+    gw_out = gw if need_w and gw.numel() else None
+    live = [t for t in (gx_out, gw_out) if t is not None]
+    if live:
+        if has_scale_kernel() and not torch.compiler.is_compiling():
+            empty = g_loss.new_empty(0)
+            torch.ops.clipcid_fast_C.margin_softmax_scale_(
+                gx_out if gx_out is not None else empty, gw_out if gw_out is not None else empty, g_loss
+            )
+            for t in live:
+                torch.autograd.graph.increment_version(t)
+        else:
+            for t in live:
+                t.mul_(g_loss.to(t.dtype))
+    return (gx_out, gw_out, None, None, None, None, None, None, None, None)
 
 
 margin_softmax_fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
@@ -373,6 +378,43 @@ def _margins(margin, m1, m2, m3) -> tuple[float, float, float]:
     return out
 
 
+VALUE_CHECK_ROWS = 16384
+"""Rows per slice of the value checks (:func:`check_rows`): their temporaries stay O(slice × D), never N × D."""
+
+
+def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None:
+    """Value check (reads the labels, one host sync): every entry in ``[-1, num_classes)``, else ValueError naming
+    the first bad index. For data entering a training loop (at load), or behind a debug flag: never per step."""
+    bad = (labels < -1) | (labels >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(labels[i])} is outside [-1, N) with N = {num_classes}")
+
+
+def check_rows(name: str, a: Tensor, rows: int = VALUE_CHECK_ROWS) -> None:
+    """Value check: every entry of ``a [n, D]`` finite and every row of nonzero norm (L2-normalisable), else
+    ValueError naming the first bad index. Reads ``a`` once in slices of ``rows`` rows (temporaries of a slice,
+    not of ``a``: at N = 1M × 512 the whole-matrix form allocated ~1.5 GB) and syncs the host once (twice when it
+    fails, to locate the entry)."""
+    n = a.shape[0]
+    acc = torch.promote_types(a.dtype, torch.float32)
+    flags = torch.zeros(max(1, -(-n // rows)), 2, dtype=torch.bool, device=a.device)
+    for k, r0 in enumerate(range(0, n, rows)):
+        part = a[r0 : r0 + rows]
+        flags[k, 0] = ~torch.isfinite(part).all()
+        flags[k, 1] = (torch.linalg.vector_norm(part, dim=1, dtype=acc) == 0).any()
+    if not bool(flags.any()):
+        return
+    for k, r0 in enumerate(range(0, n, rows)):  # only on failure: find the first bad entry
+        part = a[r0 : r0 + rows]
+        if bool(flags[k, 0]):
+            i, j = (~torch.isfinite(part)).nonzero()[0].tolist()
+            raise ValueError(f"{name} has a non-finite value (NaN or inf) at index {[r0 + i, j]}")
+        if bool(flags[k, 1]):
+            zero = torch.linalg.vector_norm(part, dim=1, dtype=acc) == 0
+            raise ValueError(f"{name} row {r0 + int(zero.nonzero()[0, 0])} has zero norm (cannot be normalised)")
+
+
 def _check(embeddings, centres, labels, scale, margin, m1, m2, m3, check_values):
     _validate.tensor("embeddings", embeddings, ndim=2)
     _validate.tensor("centres", centres, ndim=2)
@@ -395,17 +437,9 @@ def _check(embeddings, centres, labels, scale, margin, m1, m2, m3, check_values)
     s = _real("scale", scale, positive=True)
     ms = _margins(margin, m1, m2, m3)
     if check_values and not torch.compiler.is_compiling():
-        N = centres.shape[0]
-        bad = (labels < -1) | (labels >= N)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"labels[{i}] = {int(labels[i])} is outside [-1, N) with N = {N}")
-        _validate.finite("embeddings", embeddings)
-        _validate.finite("centres", centres)
-        for name, a in (("embeddings", embeddings), ("centres", centres)):
-            zero = torch.linalg.vector_norm(a, dim=1, dtype=torch.promote_types(a.dtype, torch.float32)) == 0
-            if bool(zero.any()):
-                raise ValueError(f"{name} row {int(zero.nonzero()[0, 0])} has zero norm (cannot be normalised)")
+        check_labels(labels, centres.shape[0])
+        check_rows("embeddings", embeddings)
+        check_rows("centres", centres)
     return s, ms
 
 
@@ -488,9 +522,11 @@ def cluster_discrimination_loss(
 
     Validation: shapes, dtypes, an empty batch or no centres, ``scale ≤ 0`` or non-finite, bad margins
     raise ``ValueError`` always. ``check_values=True`` (default) also reads the values — labels outside
-    ``[−1, N)``, NaN / inf in embeddings or centres, zero-norm rows — which syncs with the device and
-    reads W once; pass ``False`` in a hot loop (the C++ kernel still refuses out-of-range labels with a
-    RuntimeError; NaN inputs then give NaN losses). Under ``torch.compile`` value checks are skipped.
+    ``[−1, N)``, NaN / inf in embeddings or centres, zero-norm rows (:func:`check_labels`,
+    :func:`check_rows`: W in slices, no N×D temporaries) — which syncs with the device and reads W once;
+    pass ``False`` in a hot loop, as ``ClusterDiscriminationLoss`` does (the C++ kernel still refuses
+    out-of-range labels with a RuntimeError; NaN inputs then give NaN losses). Under ``torch.compile`` value
+    checks are skipped.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -358,7 +358,9 @@ def _scale_arg(name: str, s, like: Tensor) -> Tensor:
             raise ValueError(f"{name} must be on {like.device}, got {s.device}")
         return s
     if isinstance(s, numbers.Real) and not isinstance(s, bool):
-        return torch.tensor(float(s), dtype=torch.float32, device=like.device)
+        # torch.full, not torch.tensor: a fill on the device, where torch.tensor copies host data to it (a
+        # synchronising host->device copy on a GPU, every step a float scale is passed)
+        return torch.full((), float(s), dtype=torch.float32, device=like.device)
     raise ValueError(f"{name} must be a float or a one-element tensor, got {type(s).__name__}")
 
 
