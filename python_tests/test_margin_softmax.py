@@ -395,6 +395,154 @@ def test_fused_backward_twice_raises_and_grads_accumulate_once():
         loss.backward()
 
 
+needs_two_pass = pytest.mark.skipif(
+    not (ms.has_fused_grad_kernel() and ms.has_scale_kernel()),
+    reason="this build of clipcid_fast._C has no two-pass engine (margin_softmax_fused_grad passes=)",
+)
+
+
+@needs_two_pass
+def test_fused_backward_twice_raises_even_with_unit_grad_output():
+    """grad_output = 1 skips the scaling, but the stored gradients still count as modified: a second backward
+    raises instead of handing autograd the tensor it already accumulated (which doubled w.grad silently)."""
+    x, w, lab, _ = _inputs(9, 40, 12, torch.float32, "mixed")
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    loss = ms.cluster_discrimination_loss(x, w, lab, reduction="mean", impl="cpu")
+    loss.backward(retain_graph=True)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    r = reference.cluster_discrimination_loss(xr, wr, lab)
+    (r.sum() / (lab >= 0).sum()).backward()
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+TWO_PASS_CASES = [
+    pytest.param(shape, dtype, margin, id=f"{margin}-{dn}-{'x'.join(map(str, shape))}")
+    # (70, 1100, 512): several class tiles of the default size over the threads, a ragged last tile; (700, 300, 64):
+    # several row blocks of the default size ([RB, T] ≤ 1 MB: RB = 128 at T = 2048); (1, 1, 3): one of everything
+    for shape in [(1, 1, 3), (33, 507, 77), (70, 1100, 512), (700, 300, 64)]
+    for dtype, dn in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for margin in ("arcface", "sphereface", "none")
+]
+
+
+@needs_two_pass
+@pytest.mark.parametrize("shape,dtype,margin", TWO_PASS_CASES)
+def test_two_pass_engine_matches_reference(shape, dtype, margin):
+    """The class-tile-outer engine (what bf16 centres take at large N: no fp32 [N, D] accumulator; forced here
+    with passes=2) under the same budget as the single pass, with per-row weights ≠ the reductions'."""
+    B, N, D = shape
+    x, w, lab, _ = _inputs(B, N, D, dtype, "mixed")
+    m = MARGINS[margin]
+    g = torch.Generator().manual_seed(7)
+    gl = torch.randn(B, generator=g, dtype=torch.float64)
+    gt = torch.randn(B, generator=g, dtype=torch.float64)
+
+    def ref(a, b):
+        a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        lse, tgt = reference.margin_softmax_shard_stats(a, b, lab, 32.0, *m)
+        ga, gb = torch.autograd.grad((lse * gl.to(lse.dtype)).sum() + (tgt * gt.to(tgt.dtype)).sum(), (a, b))
+        return lse.detach(), tgt.detach(), ga, gb
+
+    gold = ref(x, w)
+    same = ref(x.to(dtype), w.to(dtype))
+    C = torch.ops.clipcid_fast_C
+    got = C.margin_softmax_fused_grad(
+        x.to(dtype), w.to(dtype), lab, gl.float(), gt.float(), 32.0, *m, True, True, 0, 0, 2
+    )
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+    ulp = ULP32 if dtype == torch.float32 else ULP_BF16
+    for k, t, gd, name in zip(got[:2], same[:2], gold[:2], ("lse", "target")):
+        assert_within_budget(k, t, gd, c=2.0, slack=8 * ULP32 * 32.0, rtol=4 * ULP32, name=name)
+    floors = (
+        32.0 * gl.abs().max().item() / x.norm(dim=1).min().item(),
+        32.0 * gl.abs().sum().item() / w.norm(dim=1).min().item(),
+    )
+    for k, t, gd, floor, name in zip(got[2:], same[2:], gold[2:], floors, ("grad_x", "grad_w")):
+        slack = 64 * ULP32 * 32.0 * gd.abs().max().item() + 8 * ULP32 * floor
+        assert_within_budget(k, t, gd, c=2.0, slack=slack, rtol=2 * ulp, name=name)
+    # and against the single pass (fp32: the same sums in another order)
+    one = C.margin_softmax_fused_grad(
+        x.to(dtype), w.to(dtype), lab, gl.float(), gt.float(), 32.0, *m, True, True, 0, 0, 1
+    )
+    torch.testing.assert_close(got[0], one[0], atol=4e-5, rtol=0)
+    torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=0)
+    if dtype == torch.float32:
+        for a, b in zip(got[2:], one[2:]):
+            torch.testing.assert_close(a, b, atol=1e-5 * (1 + b.abs().max().item()), rtol=1e-4)
+
+
+@needs_two_pass
+@pytest.mark.parametrize("tile", [1, 7, 64, 0])
+@pytest.mark.parametrize("need", [(True, True), (False, True)], ids=["x_and_w", "w_only"])
+def test_two_pass_tile_sizes_and_needs_agree(tile, need):
+    x, w, lab, _ = _inputs(33, 507, 77, torch.bfloat16, "mixed")
+    x, w = x.bfloat16(), w.bfloat16()
+    g = torch.Generator().manual_seed(8)
+    gl, gt = torch.randn(33, generator=g), torch.randn(33, generator=g)
+    C = torch.ops.clipcid_fast_C
+    a = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, True, True, 0, 0, 2)
+    b = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, *need, 0, tile, 2)
+    torch.testing.assert_close(b[0], a[0], atol=4e-5, rtol=0)
+    torch.testing.assert_close(b[1], a[1], atol=1e-5, rtol=0)
+    assert b[2].numel() == (x.numel() if need[0] else 0)
+    if need[0]:
+        torch.testing.assert_close(b[2].float(), a[2].float(), atol=1e-5, rtol=2 * ULP_BF16)
+    torch.testing.assert_close(b[3].float(), a[3].float(), atol=1e-5, rtol=2 * ULP_BF16)
+
+
+@needs_two_pass
+def test_bf16_centres_past_the_accumulator_budget_take_two_passes():
+    """N·D above 64M elements with bf16 centres: the default (passes=0) is the two-pass engine, bitwise."""
+    B, N, D = 4, 140_000, 512
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, D, generator=g).bfloat16()
+    w = torch.randn(N, D, generator=g).bfloat16()
+    lab = torch.tensor([0, N - 1, -1, 77_777])
+    gl, gt = torch.full((B,), 0.25), torch.full((B,), -0.25)
+    C = torch.ops.clipcid_fast_C
+    auto = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, True, True)
+    two = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, True, True, 0, 0, 2)
+    for a, b in zip(auto, two):
+        assert torch.equal(a, b)
+    del two
+    one = C.margin_softmax_fused_grad(x, w, lab, gl, gt, 32.0, 1.0, 0.5, 0.0, True, True, 0, 0, 1)
+    torch.testing.assert_close(auto[0], one[0], atol=4e-5, rtol=0)
+    torch.testing.assert_close(auto[3].float(), one[3].float(), atol=1e-6, rtol=2 * ULP_BF16)
+    del one
+    # the backward of the two-op form (reduction="none", sharded) takes the forward's lse and skips its own pass
+    lse, _ = C.margin_softmax_fwd(x, w, lab, 32.0, 1.0, 0.5, 0.0)
+    torch.testing.assert_close(lse, auto[0], atol=4e-5, rtol=0)
+    gx, gw = C.margin_softmax_bwd(gl, gt, x, w, lab, lse, 32.0, 1.0, 0.5, 0.0, True, True)
+    torch.testing.assert_close(gx.float(), auto[2].float(), atol=1e-6, rtol=2 * ULP_BF16)
+    torch.testing.assert_close(gw.float(), auto[3].float(), atol=1e-6, rtol=2 * ULP_BF16)
+
+
+@needs_two_pass
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("where", ["centre", "embedding"])
+def test_nan_input_gives_a_nan_loss(where, dtype, passes):
+    """Without value checks a NaN input must show in the loss value (the trainer watches it): a NaN centre makes
+    every row's lse NaN, a NaN embedding its own row's (max_ps and fast_exp used to drop the NaN: finite loss)."""
+    x, w, lab, _ = _inputs(33, 700, 77, dtype, "mixed")
+    x, w = x.to(dtype), w.to(dtype)
+    if where == "centre":
+        w[300, 5] = math.nan
+    else:
+        x[4, 70] = math.nan
+    C = torch.ops.clipcid_fast_C
+    g = torch.full((33,), 0.1)
+    lse, _, _, _ = C.margin_softmax_fused_grad(x, w, lab, g, -g, 32.0, 1.0, 0.5, 0.0, True, True, 0, 0, passes)
+    lse0, _ = C.margin_softmax_fwd(x, w, lab, 32.0, 1.0, 0.5, 0.0)
+    want = torch.ones(33, dtype=torch.bool) if where == "centre" else torch.arange(33) == 4
+    assert torch.equal(torch.isnan(lse), want) and torch.equal(torch.isnan(lse0), want)
+    for red in ("mean", "none"):
+        loss = ms.cluster_discrimination_loss(x.requires_grad_(), w, lab, reduction=red, impl="cpu", check_values=False)
+        assert torch.isnan(loss.detach()).any()
+
+
 @needs_cpu
 @pytest.mark.slow
 def test_cpu_matches_reference_100k_classes():

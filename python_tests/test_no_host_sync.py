@@ -378,3 +378,7 @@ def test_debug_flag_still_checks_values_every_step():
         mod.centres[3] = math.nan
     with pytest.raises(ValueError, match="centres"):
         mod(torch.randn(3, 4), torch.tensor([0, 9, 1]))
+    fast = ClusterDiscriminationLoss(10, 4)
+    with torch.no_grad():
+        fast.centres[3] = math.nan
+    assert torch.isnan(fast(torch.randn(3, 4), torch.tensor([0, 9, 1])))  # the NaN shows in the loss value

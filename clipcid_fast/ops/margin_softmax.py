@@ -10,23 +10,32 @@ through every shard; the single-device loss is ``lse − target``.
 
 Faces:
 
-* C++ CPU (``csrc/cpu/margin_softmax.cpp``): one engine, ``margin_softmax_fused_grad``: row chunks of
-  ≤ 128 rows × all N logits, each thread owning a block of L2-sized class tiles (single-threaded GEMMs,
-  its own rows of grad_w), an online log-sum-exp per row; given the per-row gradient weights it returns
-  lse, the target logit and the exact gradients in one pass (6·B·N·D FLOPs). A "mean" / "sum" loss that
-  needs gradients knows those weights at forward time and takes that single pass, with a backward that
-  only scales the gradients. Otherwise (``reduction="none"``, the class-sharded loss) the forward is the
-  pass without gradients (one tile slot per thread, W read once) and the backward the full pass with
-  the incoming weights (8·B·N·D in all). fp32 / bf16 storage, fp32 math.
+* C++ CPU (``csrc/cpu/margin_softmax.cpp``): one engine, ``margin_softmax_fused_grad``: given the per-row
+  gradient weights it returns lse, the target logit and the exact gradients. Its single pass takes row chunks
+  of ≤ 128 rows × all N logits, each thread owning a block of L2-sized class tiles (single-threaded GEMMs, its
+  own rows of grad_w), an online log-sum-exp per row (6·B·N·D FLOPs); grad_w accumulates over the row chunks,
+  in place in the returned fp32 grad_w, or, for bf16 centres, in an fp32 [N, D] buffer. Where that buffer would
+  pass 256 MB (bf16 centres with N·D > 64M, e.g. N > 128k at D = 512) the engine turns its loops around
+  instead: class tiles outer over all B rows, the lse first, then each tile's gradient complete in an fp32
+  tile buffer and written once in bf16 (8·B·N·D FLOPs instead of 6: the logits twice; O(B·D + N) extra
+  memory). A "mean" / "sum" loss that needs gradients knows the weights at forward time and takes the
+  engine in its forward, with a backward that only scales the gradients (in place, in C++: no host sync).
+  Otherwise (``reduction="none"``, the class-sharded loss) the forward is the engine without gradients (one
+  tile slot per thread, W read once) and the backward the engine with the incoming weights (8·B·N·D in all;
+  the tiles-outer form takes the forward's lse and skips its own). fp32 / bf16 storage, fp32 math; a NaN
+  input gives a NaN lse (and loss).
 * Triton (``margin_triton.py``; GPU, or CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over
   row blocks, and backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one
   row. Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
   and are computed here with the reference's own ``combined_margin``.
 * the reference (float64 and float16 on CPU, and the fallback).
 
-Extra memory, never O(B·N): C++ R·N (≤ 384 MB while N ≤ 3M, 32·N floats beyond) + B·D + N floats for a pass
-with gradients, ≤ 64 MB of tile slots without; Triton O(B·D + N) floats forward, plus the fp32 [B, D] and
-[N, D] gradient accumulators backward.
+Extra memory beyond the inputs and the returned gradients, never O(B·N): C++ R·N (≤ 384 MB while N ≤ 3M,
+32·N floats beyond) + B·D + N floats for the single pass with gradients (+ 4·N·D bytes, ≤ 256 MB, for bf16
+centres), O(B·D + N) floats for the tiles-outer form, ≤ 64 MB of tile slots without gradients; at B = 1024, N = 1M,
+D = 512: 385 MB for fp32 centres, 16 MB for bf16 (2433 MB with the fp32 [N, D] accumulator;
+``benchmarks/bench_cluster_module.py``). Triton O(B·D + N) floats forward, plus the fp32 [B, D] and [N, D]
+gradient accumulators backward.
 """
 
 from __future__ import annotations
@@ -335,7 +344,7 @@ if has_fused_grad_kernel():
     try:
 
         @torch.library.register_fake("clipcid_fast_C::margin_softmax_fused_grad")
-        def _(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, rows=0, tile=0):
+        def _(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, rows=0, tile=0, passes=0):
             B = x.shape[0]
             return (
                 x.new_empty((B,), dtype=torch.float32),
@@ -515,8 +524,9 @@ def cluster_discrimination_loss(
     for the reduction's row weights and the backward only scales them by the scalar grad_output
     (6·B·N·D FLOPs instead of 8·B·N·D; extra memory R·N + B·D floats, R ≤ 128 rows per chunk with the
     R·N buffer ≤ 384 MB up to N = 3M, e.g. R = 94 at N = 1M; bf16 centres also take an fp32 [N, D]
-    accumulator). Centres that do not require grad get no dW work. Such a loss can be backpropagated once
-    (a second backward with ``retain_graph`` raises).
+    accumulator while it is ≤ 256 MB; above it the class tiles go outer, the lse first: 8·B·N·D FLOPs with
+    O(B·D + N) extra memory). Centres that do not require grad get no dW work. Such a loss can be
+    backpropagated once (a second backward with ``retain_graph`` raises).
     ``"none"``, no-grad calls and the other backends use the two-pass path (forward LSE, recomputing
     backward).
 

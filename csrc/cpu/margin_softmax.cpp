@@ -11,10 +11,14 @@
 //   dcos_ij = s g_lse_i P_ij                          (j != y_i)
 //   dcos_iy = s psi'(c_iy) (g_lse_i P_iy + g_tgt_i)     (the target column, labels >= 0)
 // then through the normalisations: d a = (d a_hat - a_hat <d a_hat, a_hat>) / ||a||. fp32 throughout.
+// grad_w accumulates over the row chunks: in the returned grad_w for fp32 W, in an fp32 [N, D] buffer for bf16
+// W; where that buffer would pass 256 MB the op takes two passes instead (class tiles outer, every tile's
+// gradient complete in an fp32 tile buffer and written once in bf16: 8 B N D FLOPs, O(B D + N) extra memory).
 // The two-pass ops autograd needs when the weights are only known after the forward
 // (reduction="none", the class-sharded loss) are thin calls of it: margin_softmax_fwd = the pass
 // without gradients (2 B N D), margin_softmax_bwd = the full pass with the incoming weights (it
-// recomputes lse with the same code, so the saved lse is only checked for its shape).
+// recomputes lse with the same code, so the saved lse is only checked for its shape; the two-pass engine, below,
+// uses it and skips its lse pass).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -116,28 +120,36 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
 // (+ an fp32 [N, D] accumulator and one fp32 W tile per thread when W is bf16).
 
 // z_j = s L_j iw_j in place on one row of a tile; the target column (local index y, or -1) becomes tgt.
-// Returns the row's (max, sum exp) over the tile.
+// Returns the row's (max, sum exp) over the tile; (NaN, NaN) when a logit is NaN (a NaN centre or embedding), so
+// that the row's lse, and the loss, are NaN: max_ps and fast_exp would otherwise drop it, and a NaN input would
+// give a finite loss (with NaN gradients) that a training loop watching its loss value could not see.
 clipcid::OnlineLSE fused_scale_row(float* row, const float* iw, int64_t n, float s, int64_t y, float tgt) {
   float tmax = -INFINITY;
+  bool nan = tgt != tgt;
   int64_t j = 0;
 #ifdef CLIPCID_HAVE_EXP8
   {
     const __m256 vs = _mm256_set1_ps(s);
     __m256 vm = _mm256_set1_ps(-INFINITY);
+    __m256 vnan = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
       const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(iw + j)), vs);
       _mm256_storeu_ps(row + j, v);
       vm = _mm256_max_ps(vm, v);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, vm);
     for (float v : lanes) tmax = std::max(tmax, v);
+    nan = nan || _mm256_movemask_ps(vnan) != 0;
   }
 #endif
   for (; j < n; ++j) {
     row[j] = row[j] * iw[j] * s;
     tmax = std::max(tmax, row[j]);
+    nan = nan || row[j] != row[j];
   }
+  if (nan) return clipcid::OnlineLSE{NAN, NAN};
   if (y >= 0) {
     const float old = row[y];
     row[y] = tgt;
@@ -181,11 +193,66 @@ void fused_dcos_row(float* row, const float* iw, int64_t n, float a, float l, in
   if (y >= 0) row[y] = ey;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_grad(
+// The raw dot products L_j of one row of a tile -> z_j = s L_j iw_j -> e_j = a exp(z_j - l) iw_j, in place (pass 2
+// of the two-pass engine, the row's lse l already known; z as fused_scale_row makes it); the target column
+// (local y, or -1) becomes ey.
+void fused_scaled_dcos_row(float* row, const float* iw, int64_t n, float s, float a, float l, int64_t y, float ey) {
+  if (a == 0.0f) {
+    std::fill(row, row + n, 0.0f);
+  } else {
+    int64_t j = 0;
+#ifdef CLIPCID_HAVE_EXP8
+    const __m256 vs = _mm256_set1_ps(s), va = _mm256_set1_ps(a), vl = _mm256_set1_ps(l);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 vw = _mm256_loadu_ps(iw + j);
+      const __m256 z = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), vw), vs);
+      const __m256 p = clipcid::fast_exp8(_mm256_sub_ps(z, vl));
+      _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_mul_ps(p, va), vw));
+    }
+#endif
+    for (; j < n; ++j) {
+      const float z = row[j] * iw[j] * s;
+      row[j] = a * clipcid::fast_expf(z - l) * iw[j];
+    }
+  }
+  if (y >= 0) row[y] = ey;
+}
+
+// grad_w_j = G_j - w_hat_j <G_j, w_hat_j> for n rows (G fp32 [n, D], w the raw rows, iw their inverse norms),
+// written in Out; one rounding to Out at the end.
+template <typename W, typename Out>
+void finish_w_rows(const float* gp, const W* wp, const float* iw, int64_t n, int64_t D, Out* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* g = gp + j * D;
+    const W* h = wp + j * D;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += g[d] * static_cast<float>(h[d]);
+    dot *= iw[j] * iw[j];
+    Out* o = out + j * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(g[d] - static_cast<float>(h[d]) * dot);
+  }
+}
+
+void finish_w_rows_any(const float* gp, const at::Tensor& w, const float* iw, int64_t j0, int64_t n, at::Tensor& gw) {
+  const int64_t D = w.size(1);
+  if (w.scalar_type() == at::kFloat)
+    finish_w_rows(gp, w.data_ptr<float>() + j0 * D, iw + j0, n, D, gw.data_ptr<float>() + j0 * D);
+  else
+    finish_w_rows(gp, w.data_ptr<at::BFloat16>() + j0 * D, iw + j0, n, D, gw.data_ptr<at::BFloat16>() + j0 * D);
+}
+
+// The single pass keeps an fp32 [N, D] accumulator for bf16 W (for fp32 W it is the returned grad_w itself);
+// above this many elements (256 MB) bf16 W takes the two-pass engine instead, whose extra memory is O(B D + N).
+constexpr int64_t kMaxBf16AccumElems = int64_t{64} << 20;
+
+// lse_known (may be undefined): the lse of these inputs, from the forward (margin_softmax_bwd). The two-pass
+// engine then skips its first pass (the returned target is then 0); the single pass recomputes lse anyway.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_grad_impl(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, double scale, double m1, double m2, double m3, bool need_x, bool need_w,
-    int64_t rows, int64_t tile) {
+    int64_t rows, int64_t tile, int64_t passes, const at::Tensor& lse_known) {
   check_inputs(x, w, labels);
+  CLIPCID_CHECK(passes >= 0 && passes <= 2, "passes must be 0 (auto), 1 or 2, got ", passes);
   const int64_t B = x.size(0), D = x.size(1), N = w.size(0);
   CLIPCID_CHECK(grad_lse.numel() == B && grad_target.numel() == B, "grad_lse and grad_target must have B = ", B,
                 " elements");
@@ -227,8 +294,125 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
     clipcid::row_inv_norms<float>(wd.data_ptr<float>(), N, D, iw);
   else
     clipcid::row_inv_norms<float>(wd.data_ptr<at::BFloat16>(), N, D, iw);
-  at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
   at::Tensor dxh = need_x ? at::empty({B, D}, f32) : at::Tensor();
+  const int64_t T = std::min(tile > 0 ? tile : std::clamp<int64_t>((int64_t{1} << 17) / D, 64, 2048), N);
+  const int64_t nt = (N + T - 1) / T;
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
+  auto wtb = w32 ? at::Tensor() : at::empty({P, T, D}, f32);
+  auto w_tile = [&](int64_t p, int64_t t0, int64_t n) -> at::Tensor {
+    if (w32) return wd.narrow(0, t0, n);
+    auto o = wtb[p].narrow(0, 0, n);
+    o.copy_(wd.narrow(0, t0, n));
+    return o;
+  };
+  auto tiles_of = [&](int64_t p) { return std::make_pair(p * nt / P, (p + 1) * nt / P); };
+  float* lo = lse.data_ptr<float>();
+  float* to = tgt.data_ptr<float>();
+
+  if (need_w && (passes == 2 || (passes == 0 && !w32 && N * D > kMaxBf16AccumElems))) {
+    // Two passes, class tiles outer: no [N, D] accumulator. Each thread owns a block of class tiles and goes
+    // over all B rows per tile, in row blocks of RB rows ([RB, T] logits, 1 MB at T = 256). Pass 1: logits,
+    // target psi and a per-thread online LSE per row (as pass A below); skipped when the lse is known (the
+    // backward of the two-op form). Pass 2, with every row's lse known: the same GEMMs again (so bitwise the
+    // same logits, and the same target psi), E = dcos / ||w|| in place, the thread's dX_hat partial
+    // += E W_tile and the tile's G (+)= E^T X_hat_block over the row blocks. A tile's G is then complete, in
+    // an fp32 [T, D] tile buffer (exact fp32 accumulation over every row), and is finished through the
+    // normalisation and written once in W's dtype. 8 B N D FLOPs (the logits twice; 6 with the lse known)
+    // against the single pass's 6, for O(B D + N) extra memory instead of 4 N D bytes for bf16 W (2 GB at
+    // N = 1M, D = 512); W is widened once per pass (the single pass widens it twice per row chunk) and no
+    // [N, D] accumulator is re-read and re-written per row chunk.
+    const int64_t RB = std::min<int64_t>(B, std::max<int64_t>((int64_t{1} << 18) / T, 1));
+    auto slots = at::empty({P, RB * T}, f32);
+    auto gtb = at::empty({P, T, D}, f32);
+    auto dxp = need_x ? at::zeros({P, B, D}, f32) : at::Tensor();
+    std::vector<clipcid::OnlineLSE> st(lse_known.defined() ? 0 : P * B, clipcid::lse_empty());
+    auto logits = [&](int64_t p, const at::Tensor& wt, int64_t b0, int64_t rb, int64_t n) {
+      auto lt = slots[p].narrow(0, 0, rb * n).view({rb, n});
+      at::mm_out(lt, xh.narrow(0, b0, rb), wt.t());
+      return lt;
+    };
+    if (lse_known.defined()) {
+      lse.copy_(lse_known);
+    } else {
+      at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // see pass A below
+        for (int64_t p = p0; p < p1; ++p) {
+          clipcid::OnlineLSE* sp = st.data() + p * B;
+          const auto [k0, k1] = tiles_of(p);
+          for (int64_t k = k0; k < k1; ++k) {
+            const int64_t t0 = k * T, n = std::min(T, N - t0);
+            const at::Tensor wt = w_tile(p, t0, n);
+            for (int64_t b0 = 0; b0 < B; b0 += RB) {
+              const int64_t rb = std::min(RB, B - b0);
+              float* L = logits(p, wt, b0, rb, n).data_ptr<float>();
+              for (int64_t i = 0; i < rb; ++i) {
+                const int64_t gi = b0 + i;
+                float* row = L + i * n;
+                const int64_t y = lp[gi] - t0;
+                const bool has = (y >= 0 && y < n);
+                float t = 0.0f;
+                if (has) {  // a row's target lives in exactly one tile: one thread writes it
+                  float d;
+                  t = s * clipcid::margin_psi(row[y] * iw[t0 + y], mg, &d);
+                  to[gi] = t;
+                }
+                sp[gi] = clipcid::lse_merge(sp[gi], fused_scale_row(row, iw + t0, n, s, has ? y : -1, t));
+              }
+            }
+          }
+        }
+      });
+      for (int64_t i = 0; i < B; ++i) {
+        clipcid::OnlineLSE a = st[i];
+        for (int64_t p = 1; p < P; ++p) a = clipcid::lse_merge(a, st[p * B + i]);
+        lo[i] = clipcid::lse_value(a);
+      }
+    }
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t p = p0; p < p1; ++p) {
+        const auto [k0, k1] = tiles_of(p);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t t0 = k * T, n = std::min(T, N - t0);
+          const at::Tensor wt = w_tile(p, t0, n);
+          auto Gt = gtb[p].narrow(0, 0, n);
+          for (int64_t b0 = 0; b0 < B; b0 += RB) {
+            const int64_t rb = std::min(RB, B - b0);
+            auto lt = logits(p, wt, b0, rb, n);
+            float* L = lt.data_ptr<float>();
+            for (int64_t i = 0; i < rb; ++i) {
+              const int64_t gi = b0 + i;
+              const int64_t y = lp[gi] - t0;
+              const bool has = (y >= 0 && y < n);
+              const float l = lo[gi], g = glp[gi];
+              float ey = 0.0f;
+              if (has) {  // the target psi from the raw dot product, as pass 1 made it
+                float d;
+                const float t = s * clipcid::margin_psi(L[i * n + y] * iw[t0 + y], mg, &d);
+                ey = s * d * (g * clipcid::fast_expf(t - l) + gtp[gi]) * iw[t0 + y];
+              }
+              fused_scaled_dcos_row(L + i * n, iw + t0, n, s, s * g, l, has ? y : -1, ey);
+            }
+            auto xb = xh.narrow(0, b0, rb);
+            if (need_x) dxp[p].narrow(0, b0, rb).addmm_(lt, wt);
+            if (b0 == 0)
+              at::mm_out(Gt, lt.t(), xb);
+            else
+              Gt.addmm_(lt.t(), xb);
+          }
+          finish_w_rows_any(Gt.data_ptr<float>(), wd, iw, t0, n, gw);
+        }
+      }
+    });
+    if (need_x) {
+      dxh.copy_(dxp[0]);
+      for (int64_t p = 1; p < P; ++p) dxh.add_(dxp[p]);
+      unnormalise_grad_any(dxh.data_ptr<float>(), xh.data_ptr<float>(), ix.data_ptr<float>(), B, D, gx, 0);
+    }
+    return {lse, tgt, gx, gw};
+  }
+
+  at::Tensor G = need_w ? (w32 ? gw : at::zeros({N, D}, f32)) : at::Tensor();
 
   // Rows per chunk R: every chunk re-reads W twice and reads + writes the [N, D] accumulator once, so
   // fewer, larger chunks cut memory traffic; the R x N fp32 buffer is capped at 384 MB and R at 128
@@ -239,7 +423,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   // Without gradients (the two-pass forward) no logits outlive their tile: one tile slot per thread and
   // up to 64 MB of rows per chunk (all of them at B = 1024: W read once).
   const bool keep = need_x || need_w;
-  const int64_t T = std::min(tile > 0 ? tile : std::clamp<int64_t>((int64_t{1} << 17) / D, 64, 2048), N);
   if (rows <= 0 && !keep) {
     const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1) * T;
     rows = std::max<int64_t>((int64_t{16} << 20) / slots, 128);
@@ -250,26 +433,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
     rows = (B + chunks - 1) / chunks;
   }
   const int64_t R = std::min(rows, B);
-  const int64_t nt = (N + T - 1) / T;
   // Threads own contiguous blocks of tiles (class sharding inside the process, like ranks): each
   // thread runs single-threaded GEMMs on its own W tiles and accumulator rows (no races on grad_w),
   // keeps per-row partial LSE states (merged in a fixed order, so results do not depend on timing)
   // and its own dX_hat partial (summed after pass B).
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
   auto buf = at::empty({R * (keep ? nt : P) * T}, f32);
-  auto wtb = w32 ? at::Tensor() : at::empty({P, T, D}, f32);
-  auto w_tile = [&](int64_t p, int64_t t0, int64_t n) -> at::Tensor {
-    if (w32) return wd.narrow(0, t0, n);
-    auto o = wtb[p].narrow(0, 0, n);
-    o.copy_(wd.narrow(0, t0, n));
-    return o;
-  };
   std::vector<clipcid::OnlineLSE> st(P * R);
   std::vector<float> tg(R), dps(R);
   auto dxp = need_x ? at::empty({P, R, D}, f32) : at::Tensor();
-  float* lo = lse.data_ptr<float>();
-  float* to = tgt.data_ptr<float>();
-  auto tiles_of = [&](int64_t p) { return std::make_pair(p * nt / P, (p + 1) * nt / P); };
 
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t r = std::min(R, B - r0);
@@ -355,33 +526,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_
   if (need_w) {
     // grad_w_j = G_j - w_hat_j <G_j, w_hat_j>   (in place when G is grad_w)
     const float* gp = G.data_ptr<float>();
-    auto finish = [&](const auto* wp, auto* out) {
-      at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) {
-        for (int64_t j = a; j < b; ++j) {
-          const float* g = gp + j * D;
-          const auto* h = wp + j * D;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < D; ++d) dot += g[d] * static_cast<float>(h[d]);
-          dot *= iw[j] * iw[j];
-          auto* o = out + j * D;
-          using Out = std::remove_reference_t<decltype(*o)>;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(g[d] - static_cast<float>(h[d]) * dot);
-        }
-      });
-    };
-    if (w32)
-      finish(wd.data_ptr<float>(), gw.data_ptr<float>());
-    else
-      finish(wd.data_ptr<at::BFloat16>(), gw.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, 256, [&](int64_t a, int64_t b) { finish_w_rows_any(gp + a * D, wd, iw, a, b - a, gw); });
   }
   return {lse, tgt, gx, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_fused_grad(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target, double scale, double m1, double m2, double m3, bool need_x, bool need_w,
+    int64_t rows, int64_t tile, int64_t passes) {
+  return fused_grad_impl(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, rows, tile, passes,
+                         at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_softmax_fwd(const at::Tensor& x, const at::Tensor& w,
                                                       const at::Tensor& labels, double scale, double m1, double m2,
                                                       double m3, int64_t tile) {
   const auto z = at::zeros({x.size(0)}, x.options().dtype(at::kFloat));
-  auto r = margin_softmax_fused_grad(x, w, labels, z, z, scale, m1, m2, m3, false, false, 0, tile);
+  auto r = margin_softmax_fused_grad(x, w, labels, z, z, scale, m1, m2, m3, false, false, 0, tile, 0);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -392,8 +554,23 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
                                                       int64_t tile) {
   CHECK_DTYPE(lse, at::kFloat);
   CLIPCID_CHECK(lse.numel() == x.size(0), "lse must have B = ", x.size(0), " elements");
-  auto r = margin_softmax_fused_grad(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, 0, tile);
+  auto r = fused_grad_impl(x, w, labels, grad_lse, grad_target, scale, m1, m2, m3, need_x, need_w, 0, tile, 0,
+                           lse.reshape({-1}).contiguous());
   return {std::get<2>(r), std::get<3>(r)};
+}
+
+// The single pass's backward: gx *= g and gw *= g in place for the scalar grad_output g, nothing when g == 1.
+// g is a CPU tensor (the single pass is CPU-only) and is read here, in the kernel: no value read through the
+// dispatcher (a Python `bool(g == 1)` was one every step). Either gradient may be empty.
+void margin_softmax_scale_(at::Tensor gx, at::Tensor gw, const at::Tensor& g) {
+  CHECK_CPU(g);
+  CLIPCID_CHECK(g.numel() == 1, "g must have one element, got ", g.numel());
+  const auto gf = g.to(at::kFloat).contiguous();
+  const float v = *gf.data_ptr<float>();
+  if (v == 1.0f) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels: the caller bumps the versions
+  if (gx.numel()) gx.mul_(v);
+  if (gw.numel()) gw.mul_(v);
 }
 
 }  // namespace
@@ -407,12 +584,14 @@ TORCH_LIBRARY_FRAGMENT(clipcid_fast_C, m) {
       "float scale, float m1, float m2, float m3, bool need_x, bool need_w, int tile=0) -> (Tensor, Tensor)");
   m.def(
       "margin_softmax_fused_grad(Tensor x, Tensor w, Tensor labels, Tensor grad_lse, Tensor grad_target, "
-      "float scale, float m1, float m2, float m3, bool need_x, bool need_w, int rows=0, int tile=0) "
+      "float scale, float m1, float m2, float m3, bool need_x, bool need_w, int rows=0, int tile=0, int passes=0) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("margin_softmax_scale_(Tensor(a!) gx, Tensor(b!) gw, Tensor g) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(clipcid_fast_C, CPU, m) {
   m.impl("margin_softmax_fwd", &margin_softmax_fwd);
   m.impl("margin_softmax_bwd", &margin_softmax_bwd);
   m.impl("margin_softmax_fused_grad", &margin_softmax_fused_grad);
+  m.impl("margin_softmax_scale_", &margin_softmax_scale_);
 }
