@@ -543,6 +543,32 @@ def test_nan_input_gives_a_nan_loss(where, dtype, passes):
         assert torch.isnan(loss.detach()).any()
 
 
+@pytest.mark.triton
+def test_triton_backward_keeps_no_fp32_buffer_of_the_centres_size(triton_device):
+    """bf16 centres: the dW kernel writes grad_w in bf16 itself; no fp32 [N, D] tensor appears in the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, N, D = 9, 70, 33
+    x = torch.randn(B, D, device=triton_device).requires_grad_()
+    w = torch.randn(N, D, device=triton_device).bfloat16().requires_grad_()
+    lab = torch.randint(-1, N, (B,), device=triton_device)
+    loss = ms.cluster_discrimination_loss(x, w, lab, reduction="none", impl="triton", check_values=False)
+    big = []
+
+    class Allocs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= N * D:
+                    big.append((str(func), tuple(t.shape)))
+            return out
+
+    with Allocs():
+        (loss * torch.linspace(-1, 2, B, device=triton_device)).sum().backward()
+    assert not big, big
+    assert w.grad.dtype == torch.bfloat16
+
+
 @needs_cpu
 @pytest.mark.slow
 def test_cpu_matches_reference_100k_classes():

@@ -34,8 +34,8 @@ Extra memory beyond the inputs and the returned gradients, never O(B·N): C++ R�
 32·N floats beyond) + B·D + N floats for the single pass with gradients (+ 4·N·D bytes, ≤ 256 MB, for bf16
 centres), O(B·D + N) floats for the tiles-outer form, ≤ 64 MB of tile slots without gradients; at B = 1024, N = 1M,
 D = 512: 385 MB for fp32 centres, 16 MB for bf16 (2433 MB with the fp32 [N, D] accumulator;
-``benchmarks/bench_cluster_module.py``). Triton O(B·D + N) floats forward, plus the fp32 [B, D] and [N, D]
-gradient accumulators backward.
+``benchmarks/bench_cluster_module.py``). Triton O(B·D + N) floats forward and backward: its backward kernels
+finish the gradients through the normalisations themselves and write them once in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -96,10 +96,8 @@ def _triton_bwd(g_lse, g_tgt, x, w, labels, lse, scale, m1, m2, m3, need_x, need
     tgt, dpsi = _target_terms(x, w, labels, ix, iw, scale, m1, m2, m3)
     gl, gt = g_lse.float().contiguous(), g_tgt.float().contiguous()
     row_args = (ix, iw, labels, tgt, lse.float().contiguous(), gl, gt, dpsi)
-    dxh, dwh = margin_triton.triton_grads(x, w, row_args, scale, need_x, need_w)
-    gx = _through_norm(dxh, x, ix).to(x.dtype) if need_x else x.new_empty(0)
-    gw = _through_norm(dwh, w, iw).to(w.dtype) if need_w else w.new_empty(0)
-    return gx, gw
+    # the kernels finish the gradients through the normalisations and write them in x's / W's dtype
+    return margin_triton.triton_grads(x, w, row_args, scale, need_x, need_w)
 
 
 def _through_norm(g_hat: Tensor, a: Tensor, inv: Tensor) -> Tensor:

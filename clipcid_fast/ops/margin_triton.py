@@ -4,7 +4,9 @@ A forward kernel over row blocks (online log-sum-exp over class tiles), and back
 (dx) and class blocks (dW), so no two programs write one row. Cosines are made tile by tile over D in slices
 (``_triton_tiles.dot_rows``); the normalisation enters as per-row inverse norms (ix for x, iw for W)
 computed once outside, O(B + N). The backward splits its [rows, D] accumulators along D over a second grid
-axis, each D slice recomputing its tile's cosines. The target cosine, ψ and dψ/dc are O(B) and computed
+axis, each D slice recomputing its tile's cosines, and finishes its rows through the normalisation itself (the
+coefficient <g_hat, a_hat> of the projection is Σ dcos·cos, from the cosine tiles), writing grad_x and grad_w
+once in the inputs' dtype: no fp32 [B, D] or [N, D] buffer. The target cosine, ψ and dψ/dc are O(B) and computed
 outside the kernels with the reference's own ``combined_margin`` (``margin_softmax._target_terms``).
 Offsets are int64 (N = 10M rows of W overflow int32). Block sizes: ``_triton_tiles``.
 """
@@ -103,7 +105,7 @@ def _ms_bwd_dx_kernel(
     gl_ptr,
     gt_ptr,
     dpsi_ptr,
-    dxh_ptr,
+    gx_ptr,
     B,
     N,
     D,
@@ -115,7 +117,10 @@ def _ms_bwd_dx_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
-    # dX_hat[i, dslice] = Σ_j dcos_ij · W_hat[j, dslice]   (one program per block of rows and D slice)
+    # dX_hat[i, dslice] = Σ_j dcos_ij · W_hat[j, dslice]   (one program per block of rows and D slice), then
+    # through the normalisation in the program: gx_i = (dX_hat_i − x_hat_i <dX_hat_i, x_hat_i>) / ‖x_i‖ with
+    # <dX_hat_i, x_hat_i> = Σ_j dcos_ij cos_ij (from the cosine tiles, so no D slice needs the others), written
+    # once in x's dtype (no fp32 [B, D] buffer).
     pid = tl.program_id(0).to(tl.int64)
     pd = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -126,15 +131,22 @@ def _ms_bwd_dx_kernel(
         ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
     )
     acc = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
+    proj = tl.zeros([BLOCK_B], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
         iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-        z = _ms_cos(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, ix * scale, iw, D, BLOCK_B, BLOCK_N, BLOCK_K)
+        dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
+        z = dots * (ix * scale)[:, None] * iw[None, :]  # the forward's logits, bit for bit
+        c = dots * ix[:, None] * iw[None, :]
         d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
-        d = tl.where(cmask[None, :], d * iw[None, :], 0.0)
-        acc += tl.dot(d, load_slice(w_ptr, cols, cmask, s_w, dofs, dmask), input_precision="ieee")
-    tl.store(dxh_ptr + rows[:, None] * D + dofs[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+        d = tl.where(cmask[None, :], d, 0.0)
+        proj += tl.sum(d * c, 1)
+        acc += tl.dot(d * iw[None, :], load_slice(w_ptr, cols, cmask, s_w, dofs, dmask), input_precision="ieee")
+    xs = load_slice(x_ptr, rows, rmask, s_x, dofs, dmask)
+    g = (acc - xs * (ix * proj)[:, None]) * ix[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    tl.store(gx_ptr + rows[:, None] * D + dofs[None, :], g.to(gx_ptr.dtype.element_ty), mask=omask)
 
 
 @jit(do_not_specialize=_SIZES)
@@ -149,7 +161,7 @@ def _ms_bwd_dw_kernel(
     gl_ptr,
     gt_ptr,
     dpsi_ptr,
-    dwh_ptr,
+    gw_ptr,
     B,
     N,
     D,
@@ -161,7 +173,10 @@ def _ms_bwd_dw_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
-    # dW_hat[j, dslice] = Σ_i dcos_ij · X_hat[i, dslice]   (one program per block of classes and D slice)
+    # dW_hat[j, dslice] = Σ_i dcos_ij · X_hat[i, dslice]   (one program per block of classes and D slice: it owns
+    # those rows of dW, accumulated in fp32 over every row of x), then through the normalisation in the program,
+    # gw_j = (dW_hat_j − w_hat_j <dW_hat_j, w_hat_j>) / ‖w_j‖ with <dW_hat_j, w_hat_j> = Σ_i dcos_ij cos_ij, and
+    # written once in W's dtype: no fp32 [N, D] accumulator (2 GB at N = 1M, D = 512).
     pid = tl.program_id(0).to(tl.int64)
     pd = tl.program_id(1).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -170,18 +185,25 @@ def _ms_bwd_dw_kernel(
     dmask = dofs < D
     iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    proj = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         rmask = rows < B
         ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
             ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
         )
-        z = _ms_cos(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, ix * scale, iw, D, BLOCK_B, BLOCK_N, BLOCK_K)
+        dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
+        z = dots * (ix * scale)[:, None] * iw[None, :]  # the forward's logits, bit for bit
+        c = dots * ix[:, None] * iw[None, :]
         d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
-        d = tl.where(rmask[:, None], d * ix[:, None], 0.0)
+        d = tl.where(rmask[:, None], d, 0.0)
+        proj += tl.sum(d * c, 0)
         xb = load_slice(x_ptr, rows, rmask, s_x, dofs, dmask)
-        acc += tl.dot(tl.trans(d), xb, input_precision="ieee")
-    tl.store(dwh_ptr + cols[:, None] * D + dofs[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+        acc += tl.dot(tl.trans(d * ix[:, None]), xb, input_precision="ieee")
+    ws = load_slice(w_ptr, cols, cmask, s_w, dofs, dmask)
+    g = (acc - ws * (iw * proj)[:, None]) * iw[:, None]
+    omask = cmask[:, None] & dmask[None, :]
+    tl.store(gw_ptr + cols[:, None] * D + dofs[None, :], g.to(gw_ptr.dtype.element_ty), mask=omask)
 
 
 def _blocks(D: int) -> dict:
@@ -201,7 +223,8 @@ def triton_lse(x, w, labels, ix, iw, tgt, scale):
 
 
 def triton_grads(x, w, row_args, scale, need_x, need_w):
-    """(dX_hat [B, D], dW_hat [N, D]) fp32 before the normalisation's projection; empty where not needed.
+    """(grad_x [B, D] in x's dtype, grad_w [N, D] in W's dtype), through the normalisations, each written once
+    by the program that owns its rows; empty where not needed.
 
     ``row_args`` = (ix, iw, labels, tgt, lse, g_lse, g_target, dψ/dc), each contiguous."""
     B, D = x.shape
@@ -209,20 +232,20 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
     bl = _blocks(D)
     bl["BLOCK_DO"] = block(D, D_SLICE)
     n_slices = triton.cdiv(D, bl["BLOCK_DO"])
-    dxh = x.new_empty(0, dtype=torch.float32)
-    dwh = w.new_empty(0, dtype=torch.float32)
+    gx = x.new_empty(0)
+    gw = w.new_empty(0)
     if need_x:
-        dxh = torch.zeros(B, D, dtype=torch.float32, device=x.device)
+        gx = (torch.empty if B > 0 else torch.zeros)(B, D, dtype=x.dtype, device=x.device)
         if B > 0:
             _ms_bwd_dx_kernel[(triton.cdiv(B, bl["BLOCK_B"]), n_slices)](
-                x, w, *row_args, dxh, B, N, D, x.stride(0), w.stride(0), scale,
+                x, w, *row_args, gx, B, N, D, x.stride(0), w.stride(0), scale,
                 num_warps=warps_for(bl["BLOCK_B"], bl["BLOCK_DO"]), **bl,
             )  # fmt: skip
     if need_w:
-        dwh = torch.zeros(N, D, dtype=torch.float32, device=w.device)
+        gw = (torch.empty if B > 0 else torch.zeros)(N, D, dtype=w.dtype, device=w.device)
         if B > 0:
             _ms_bwd_dw_kernel[(triton.cdiv(N, bl["BLOCK_N"]), n_slices)](
-                x, w, *row_args, dwh, B, N, D, x.stride(0), w.stride(0), scale,
+                x, w, *row_args, gw, B, N, D, x.stride(0), w.stride(0), scale,
                 num_warps=warps_for(bl["BLOCK_N"], bl["BLOCK_DO"]), **bl,
             )  # fmt: skip
-    return dxh, dwh
+    return gx, gw
