@@ -402,19 +402,25 @@ needs_two_pass = pytest.mark.skipif(
 
 
 @needs_two_pass
-def test_fused_backward_twice_raises_even_with_unit_grad_output():
-    """grad_output = 1 skips the scaling, but the stored gradients still count as modified: a second backward
-    raises instead of handing autograd the tensor it already accumulated (which doubled w.grad silently)."""
-    x, w, lab, _ = _inputs(9, 40, 12, torch.float32, "mixed")
-    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_backward_scales_in_cpp_and_guards_a_second_backward(dtype):
+    """The C++ op scales the stored gradients in place (nothing to do at grad_output 1): after an unscaled backward a
+    second one is still right (1 + 3 = 4 times the gradient), after a scaled one it raises (the stored tensors were
+    changed in place; the versions are bumped as Python's mul_ did)."""
+    x, w, lab, _ = _inputs(9, 40, 12, dtype, "mixed")
+    x, w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     loss = ms.cluster_discrimination_loss(x, w, lab, reduction="mean", impl="cpu")
     loss.backward(retain_graph=True)
-    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    r = reference.cluster_discrimination_loss(xr, wr, lab)
-    (r.sum() / (lab >= 0).sum()).backward()
-    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-4)
+    g1 = w.grad.float().clone()
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(w.grad.float(), 4 * g1, atol=1e-6, rtol=4 * ULP_BF16)
     with pytest.raises(RuntimeError):
         loss.backward()
+    v = torch.ones(3)
+    torch.ops.clipcid_fast_C.margin_softmax_scale_(v, torch.empty(0), torch.tensor(1.0))
+    assert v._version == 0
+    torch.ops.clipcid_fast_C.margin_softmax_scale_(v, torch.empty(0), torch.tensor(-2.5, dtype=torch.float64))
+    assert v._version == 1 and torch.equal(v, torch.full((3,), -2.5))
 
 
 TWO_PASS_CASES = [

@@ -310,10 +310,10 @@ def has_scale_kernel() -> bool:
 
 def _fused_backward(ctx, g_loss, _gx, _gw):
     # The stored gradients are scaled in place and handed over (no second N×D buffer); a second backward
-    # through the same graph (retain_graph=True) therefore fails autograd's in-place check instead of
-    # returning wrong numbers (their version counters are bumped even when the scale is 1).
-    # No host sync: the C++ op reads the CPU scalar grad_output itself and skips the N×D pass when it is 1
-    # (a Python `bool(g_loss == 1)` here was a value read through the dispatcher on every step).
+    # through the same graph (retain_graph=True) after a scaled one therefore fails autograd's in-place check
+    # instead of returning wrong numbers (after an unscaled one the stored gradients are still right).
+    # No host sync: the C++ op reads the CPU scalar grad_output itself, skips the N×D pass when it is 1 and
+    # bumps the versions when it scales (a Python `bool(g_loss == 1)` here was a value read every step).
     gx, gw = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if g_loss is None:
@@ -327,8 +327,6 @@ def _fused_backward(ctx, g_loss, _gx, _gw):
             torch.ops.clipcid_fast_C.margin_softmax_scale_(
                 gx_out if gx_out is not None else empty, gw_out if gw_out is not None else empty, g_loss
             )
-            for t in live:
-                torch.autograd.graph.increment_version(t)
         else:
             for t in live:
                 t.mul_(g_loss.to(t.dtype))

@@ -561,16 +561,23 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_bwd(const at::Tensor& grad_lse
 
 // The single pass's backward: gx *= g and gw *= g in place for the scalar grad_output g, nothing when g == 1.
 // g is a CPU tensor (the single pass is CPU-only) and is read here, in the kernel: no value read through the
-// dispatcher (a Python `bool(g == 1)` was one every step). Either gradient may be empty.
+// dispatcher (a Python `bool(g == 1)` was one every step). Either gradient may be empty. A scaled gradient's
+// version is bumped, as Python's mul_ did: a later backward through the same graph then raises instead of
+// scaling the gradient autograd already holds.
 void margin_softmax_scale_(at::Tensor gx, at::Tensor gw, const at::Tensor& g) {
   CHECK_CPU(g);
   CLIPCID_CHECK(g.numel() == 1, "g must have one element, got ", g.numel());
   const auto gf = g.to(at::kFloat).contiguous();
   const float v = *gf.data_ptr<float>();
   if (v == 1.0f) return;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels: the caller bumps the versions
-  if (gx.numel()) gx.mul_(v);
-  if (gw.numel()) gw.mul_(v);
+  for (at::Tensor* t : {&gx, &gw}) {
+    if (!t->numel()) continue;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // a plain kernel on autograd-free scratch
+      t->mul_(v);
+    }
+    torch::autograd::impl::bump_version(*t);
+  }
 }
 
 }  // namespace
