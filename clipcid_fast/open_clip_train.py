@@ -13,6 +13,8 @@ when it returns or raises):
 - ``parse_args``: open_clip_train's parser, then our checks (a teacher is given, ``--accum-freq 1``, ...);
 - ``create_loss``: our loss instead of open_clip's ``DistillClipLoss`` (``distill`` → ``FusedDistillClipLoss``
   with the distributed arguments open_clip passes; ``kd`` → ``ClipKDLoss``; ``rd`` → ``ClipRDLoss``);
+- under ``torchrun``, kd's and rd's loss is returned inside ``DistributedDataParallel`` (its scales and projections
+  averaged over ranks like the model's; see ``_Plugin.data_parallel``);
 - ``optim`` (kd and rd only): ``optim.AdamW`` gets the loss's parameters as extra param groups (the CLIP-KD/RD
   logit scales without weight decay, the projections below with ``--wd``), and the optimizer's ``state_dict``
   carries the loss's parameters under ``"clipcid_loss"``, so open_clip_train's checkpoints save them and its
@@ -288,7 +290,24 @@ class _Plugin:
             f"clipcid-fast: --clipcid-loss {self.kind}: {type(self.loss.loss).__name__} "
             f"(impl {self.opts.clipcid_impl}, {self.opts.weights}) replaces open_clip's DistillClipLoss"
         )
-        return self.loss
+        return self.data_parallel(self.loss, args)
+
+    @staticmethod
+    def data_parallel(loss: OpenClipTrainLoss, args) -> nn.Module:
+        """Under torchrun, kd / rd's scales and projections train in DDP, as open_clip_train's model does.
+
+        Their gradients differ between ranks: a projection sees only its rank's rows (the gathered copies of the
+        other ranks' rows carry no gradient here), and with ``--local-loss`` every term is the rank's own. Left
+        alone, every rank would step its own copy and the copies would drift apart (and only rank 0's would be
+        saved). DDP averages them as it averages the model's, so both follow open_clip's gradient convention
+        (exact with ``--gather-with-grad``, scaled by 1/world without, like the model's). ``static_graph``:
+        a zero-weight term leaves its scale unused, the same one on every step.
+        """
+        if not getattr(args, "distributed", False) or not any(p.requires_grad for p in loss.parameters()):
+            return loss
+        device = torch.device(args.device)
+        ids = [device] if device.type == "cuda" else None  # torch refuses device_ids for a CPU module
+        return nn.parallel.DistributedDataParallel(loss, device_ids=ids, static_graph=True)
 
     # --- the optimizer (kd, rd) --------------------------------------------------------------------------------
     def adamw(self, params, **kwargs):

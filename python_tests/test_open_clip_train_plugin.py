@@ -30,6 +30,7 @@ from clipcid_fast.pipeline.config import DataConfig
 from clipcid_fast.pipeline.data import export_corpus
 
 N_IMAGES, BATCH = 64, 16  # 4 steps
+WHOLE, WHOLE_EPOCHS, NPROC = 16, 3, 2  # the torchrun comparison: 3 epochs of one 16-image step, 1 vs 2 ranks
 STEPS = N_IMAGES // BATCH
 LN_INV_007 = math.log(1 / 0.07)
 PY = sys.executable
@@ -46,17 +47,32 @@ DRIVER = textwrap.dedent(
 
     spec = json.load(open(sys.argv[1]))
     open_clip.add_model_config(spec["models"])
+    rank = os.environ.get("RANK", "0")
+    DDP = torch.nn.parallel.DistributedDataParallel
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # open_clip_train wraps its models in DDP with device_ids=[device], which torch refuses for a CPU module
+        # (a GPU-only line of its main.py): on CPU, the same wrap without device_ids
+
+        class CpuDDP(DDP):
+            def __init__(self, module, device_ids=None, **kwargs):
+                if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                    device_ids = None
+                super().__init__(module, device_ids=device_ids, **kwargs)
+
+        torch.nn.parallel.DistributedDataParallel = CpuDDP
     current = {}
     stock_train_one_epoch = T.train_one_epoch
 
     def recording_train_one_epoch(model, data, loss, *args, **kwargs):
-        inner = getattr(loss, "loss", loss)
+        base = getattr(loss, "module", loss)  # the plug-in's loss, inside DDP under torchrun
+        inner = getattr(base, "loss", base)
+        current["loss"] = base
 
         def recorded(**model_out):
             out = loss(**model_out)
-            row = {"loss_class": type(inner).__name__,
+            row = {"loss_class": type(inner).__name__, "ddp": isinstance(loss, DDP),
                    "terms": {k: float(v.detach()) for k, v in out.items()},
-                   "scales": {k: float(p.detach()) for k, p in loss.named_parameters() if p.numel() == 1}}
+                   "scales": {k: float(p.detach()) for k, p in base.named_parameters() if p.numel() == 1}}
             with open(current["record"], "a") as f:
                 f.write(json.dumps(row) + "\\n")
             return out
@@ -66,7 +82,8 @@ DRIVER = textwrap.dedent(
     T.train_one_epoch = recording_train_one_epoch
     results = {}
     for run in spec["runs"]:
-        current["record"] = run["record"]
+        current["record"] = run["record"].format(rank=rank)
+        current.pop("loss", None)
         for h in list(logging.root.handlers):  # open_clip_train adds its handlers on every run
             logging.root.removeHandler(h)
             h.close()
@@ -81,10 +98,12 @@ DRIVER = textwrap.dedent(
         except BaseException:
             results[run["name"]] = {"exit": "exception", "traceback": traceback.format_exc()}
         results[run["name"]]["seconds"] = time.perf_counter() - start
+        if "loss" in current:  # this rank's loss parameters after its last step (a checkpoint holds rank 0's)
+            torch.save(current["loss"].state_dict(), current["record"] + ".pt")
         print(f"=== end {run['name']}", file=sys.stderr, flush=True)
     for h in list(logging.root.handlers):
         h.close()
-    json.dump(results, open(spec["results"], "w"))
+    json.dump(results, open(spec["results"].format(rank=rank), "w"))
     """
 )
 
@@ -100,7 +119,12 @@ def workdir(tmp_path_factory):
     os.makedirs(root / "narrow")
     with open(root / "narrow" / "tiny-vit-s-32-e32.json", "w") as f:
         json.dump(narrow, f)
-    return {"root": root, "csv": manifest["csv"], "teacher": teacher.teacher_weights}
+    # the first WHOLE images in a CSV of their own (same folder, so the relative paths hold): one step an epoch
+    # that sees all of them, whichever sampler orders them and however many ranks split them
+    whole = os.path.join(os.path.dirname(manifest["csv"]), "whole.csv")
+    with open(manifest["csv"]) as src, open(whole, "w") as dst:
+        dst.writelines(src.readlines()[: 1 + WHOLE])
+    return {"root": root, "csv": manifest["csv"], "whole": whole, "teacher": teacher.teacher_weights}
 
 
 def common_flags(w, name: str, *extra: str, model: str = "tiny-vit-s-32") -> list[str]:
@@ -111,6 +135,21 @@ def common_flags(w, name: str, *extra: str, model: str = "tiny-vit-s-32") -> lis
         "--lr", "1e-3", "--warmup", "1", "--wd", "0.1", "--seed", "0", "--log-every-n-steps", "1",
         "--logs", str(w["root"] / "logs"), "--name", name, *extra,
     ]  # fmt: skip
+
+
+def whole_flags(w, name: str, batch: int) -> list[str]:
+    """kd with a narrower student (projections and a scale to train), one step an epoch over all WHOLE images.
+
+    ``--gather-with-grad``: the model's gradient is then the whole batch's on every rank count (without it
+    open_clip's convention scales it by 1/world). ``--aug-cfg scale=(1.0,1.0)``: RandomResizedCrop keeps the whole
+    (square) image, so the per-rank RNG streams (open_clip_train seeds each rank apart) change no input.
+    """
+    narrow = ("--clipcid-model-config", str(w["root"] / "narrow"))
+    return common_flags(
+        w, name, "--clipcid-loss", "kd", *narrow, "--gather-with-grad", "--aug-cfg", "scale=(1.0,1.0)",
+        "--train-data", w["whole"], "--batch-size", str(batch), "--epochs", str(WHOLE_EPOCHS),
+        model="tiny-vit-s-32-e32",
+    )  # fmt: skip
 
 
 def checkpoint_path(w, name: str, epoch: int = 1) -> str:
@@ -130,6 +169,7 @@ def runs(workdir):
         ("kd-resume", mod, common_flags(w, "kd-resume", "--clipcid-loss", "kd", *resume)),
         ("rd", mod, common_flags(w, "rd", "--clipcid-loss", "rd", *narrow, model="tiny-vit-s-32-e32")),
         ("bad", mod, stock_flags("--clipcid-loss", "rd")),  # no teacher: the command line's error and exit code
+        ("kd-whole", mod, whole_flags(w, "kd-whole", WHOLE)),  # what the torchrun run must reproduce
     ]
     spec = {
         "models": str(w["root"] / "models"),
@@ -161,6 +201,37 @@ def runs(workdir):
             log = f.read()
         out[run["name"]] = {"records": records, "log": log}
     return out
+
+
+@pytest.fixture(scope="module")
+def torchrun_kd(workdir, runs):  # after `runs`: the driver file is written there
+    """``torchrun --nproc-per-node 2`` of the driver: kd-whole's run split over 2 ranks (8 images each)."""
+    w = workdir
+    run = {"name": "kd-par", "module": "clipcid_fast.open_clip_train", "argv": whole_flags(w, "kd-par", WHOLE // NPROC)}
+    run["record"] = str(w["root"] / "kd-par.rank{rank}.jsonl")
+    spec = {
+        "models": str(w["root"] / "models"),
+        "results": str(w["root"] / "results-par.rank{rank}.json"),
+        "runs": [run],
+    }
+    with open(w["root"] / "spec-par.json", "w") as f:
+        json.dump(spec, f)
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+           str(w["root"] / "driver.py"), str(w["root"] / "spec-par.json")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=w["root"] / "export", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = []
+    for r in range(NPROC):
+        with open(spec["results"].format(rank=r)) as f:
+            res = json.load(f)["kd-par"]
+        assert res["exit"] in (None, 0), f"rank {r}: {res.get('traceback', res)}\n{proc.stderr[-3000:]}"
+        record = spec["runs"][0]["record"].format(rank=r)
+        with open(record) as f:
+            records = [json.loads(line) for line in f]
+        ranks.append({"records": records, "loss": torch.load(record + ".pt", weights_only=True)})
+    print(f"torchrun kd-par: {res['seconds']:.1f} s")
+    return ranks
 
 
 TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[.*?LR: (\S+) Logit Scale: (\S+) (.*)$")
@@ -277,6 +348,49 @@ def test_rd_projects_a_narrower_student_and_trains_its_scales(runs, workdir):
     narrow = tiny_config()
     narrow["embed_dim"] = 32
     open_clip.model.CLIP(**narrow).load_state_dict(ckpt["state_dict"], strict=True)
+
+
+def test_torchrun_two_ranks_train_the_loss_as_one_process(runs, torchrun_kd, workdir):
+    """kd with projections under torchrun: every step's terms and the loss's parameters (projections and scale,
+    in DDP) equal one process's on the same global batch, on both ranks; rank 0's checkpoint equals it too."""
+    one = runs["kd-whole"]["records"]
+    ranks = torchrun_kd
+    assert len(one) == WHOLE_EPOCHS and not one[0]["ddp"]
+    for r, rank in enumerate(ranks):
+        recs = rank["records"]
+        assert len(recs) == WHOLE_EPOCHS and all(x["ddp"] for x in recs), r
+        for step, (a, b) in enumerate(zip(one, recs)):
+            assert a["terms"].keys() == b["terms"].keys() == {"task_loss", "crd_loss", "icl_loss", "fd_loss"}
+            for k in a["terms"]:
+                assert b["terms"][k] == pytest.approx(a["terms"][k], rel=2e-5), (r, step, k)
+            assert b["scales"]["loss.cross_logit_scale"] == pytest.approx(
+                a["scales"]["loss.cross_logit_scale"], rel=1e-6, abs=0
+            ), (r, step)
+    assert len({x["scales"]["loss.cross_logit_scale"] for x in one}) == WHOLE_EPOCHS  # it trains
+    final_one = torch.load(str(workdir["root"] / "kd-whole.jsonl") + ".pt", weights_only=True)
+    assert set(final_one) == {"loss.cross_logit_scale", "proj_image.weight", "proj_text.weight"}
+    for r, rank in enumerate(ranks):
+        for k, ref in final_one.items():
+            # both ranks hold the same copy (DDP); without it each stepped its projections on its own rows
+            torch.testing.assert_close(rank["loss"][k], ranks[0]["loss"][k], rtol=0, atol=0, msg=(r, k))
+            torch.testing.assert_close(rank["loss"][k], ref, rtol=1e-4, atol=2e-6, msg=(r, k))
+    with torch.random.fork_rng(devices=[]):  # the plug-in's init of the projections (--seed 0)
+        torch.manual_seed(0)
+        init = plugin.OpenClipTrainLoss("kd", {"crd_weight": 1, "icl_weight": 1, "fd_weight": 1}, student_dim=32,
+                                        teacher_dim=64)  # fmt: skip
+    for name in ("proj_image.weight", "proj_text.weight"):  # they trained
+        assert (final_one[name] - init.state_dict()[name]).abs().max() > 1e-3, name
+    a = load_checkpoint(workdir, "kd-whole", WHOLE_EPOCHS)
+    b = load_checkpoint(workdir, "kd-par", WHOLE_EPOCHS)
+    assert set(b["state_dict"]) == {"module." + k for k in a["state_dict"]}  # open_clip_train saves DDP's keys
+    for k, ref in a["state_dict"].items():
+        got = b["state_dict"]["module." + k]
+        if k.endswith("attn.in_proj_bias"):  # the key bias: AdamW steps on rounding noise (see the distill test)
+            h = ref.shape[0] // 3
+            got, ref = torch.cat([got[:h], got[2 * h :]]), torch.cat([ref[:h], ref[2 * h :]])
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=5e-5, msg=k)
+    for k, ref in a["optimizer"][plugin.STATE_KEY]["state_dict"].items():
+        torch.testing.assert_close(b["optimizer"][plugin.STATE_KEY]["state_dict"][k], ref, rtol=1e-4, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
