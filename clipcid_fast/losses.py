@@ -50,7 +50,11 @@ def _mean_pair(pair: tuple[Tensor, Tensor]) -> Tensor:
 
 
 class _GatheredLoss(nn.Module):
-    """open_clip's distributed constructor arguments and its feature gather."""
+    """open_clip's distributed constructor arguments and its feature gather.
+
+    ``local_loss`` is honoured by ``FusedDistillClipLoss`` only (open_clip's DistillClipLoss); the CLIP-KD / RD and
+    instance losses accept it and compute the loss over the global batch on every rank either way.
+    """
 
     def __init__(
         self,
@@ -74,13 +78,16 @@ class _GatheredLoss(nn.Module):
         self.world_size = world_size
         self.impl = impl
 
-    def _gather(self, x: Tensor) -> Tensor:
+    def _gather(self, x: Tensor, local_slot_grad: bool = True) -> Tensor:
+        # local_slot_grad=True: this rank's own rows keep their gradient inside the gathered batch, as every loss
+        # over the global batch needs (without it, and without gather_with_grad, the student would get none).
+        # Only FusedDistillClipLoss's local-loss branch, which takes its own rows from the caller, passes False.
         return gather_rows(
             x,
             rank=self.rank,
             world_size=self.world_size,
             with_grad=self.gather_with_grad,
-            local_slot_grad=not self.local_loss,
+            local_slot_grad=local_slot_grad,
         )
 
     def _gather_teacher(self, x: Tensor) -> Tensor:
@@ -122,7 +129,8 @@ class FusedDistillClipLoss(_GatheredLoss):
             dist_image_features=dist_image_features,
             dist_text_features=dist_text_features,
         )
-        img, txt = self._gather(image_features), self._gather(text_features)
+        own = not self.local_loss  # open_clip's gather: with local_loss the own rows come from the caller
+        img, txt = self._gather(image_features, own), self._gather(text_features, own)
         t_img, t_txt = self._gather_teacher(dist_image_features), self._gather_teacher(dist_text_features)
         if self.world_size > 1 and self.local_loss:
             offset = image_features.shape[0] * self.rank

@@ -202,6 +202,8 @@ def test_batch_not_divisible(assets, tmp_path):
         train.run_train(cfg)
     with pytest.raises(ValueError, match=r"--accum-freq must be >= 1, got 0"):
         train.run_train(dataclasses.replace(cfg, batch_size=16, accum_freq=0))
+    with pytest.raises(ValueError, match=r"--local-loss applies to --recipe distill .*; kd's losses are over"):
+        train.run_train(dataclasses.replace(cfg, batch_size=16, local_loss=True))
     assert not os.path.exists(cfg.out_dir)
 
 

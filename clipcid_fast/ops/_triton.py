@@ -20,3 +20,14 @@ except ImportError:  # pragma: no cover - triton ships with the CUDA torch wheel
 
     def jit(fn=None, **_options):
         return fn if fn is not None else (lambda f: f)
+
+
+def launch_on(t):
+    """The device guard of a Triton launch: Triton launches on the *current* CUDA device's stream, so a tensor on
+    another GPU (rank r under torchrun before ``set_device``, or a second GPU in one process) would be read from
+    the wrong device's stream; ``torch.library`` custom ops add no guard. No-op for CPU tensors (the interpreter)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -13,7 +13,7 @@ Offsets are int64 (N = 10M rows of W overflow int32). Block sizes: ``_triton_til
 
 import torch
 
-from ._triton import jit, tl, triton
+from ._triton import jit, launch_on, tl, triton
 from ._triton_tiles import D_SLICE, K_SLICE, ROWS_MAX, block, dot_rows, load_slice, warps_for
 
 # Sizes are not specialised on (see relational_triton.py); strides are.
@@ -218,7 +218,8 @@ def triton_lse(x, w, labels, ix, iw, tgt, scale):
     if B > 0:
         bl = _blocks(D)
         grid = (triton.cdiv(B, bl["BLOCK_B"]),)
-        _ms_fwd_kernel[grid](x, w, ix, iw, labels, tgt, lse, B, N, D, x.stride(0), w.stride(0), scale, **bl)
+        with launch_on(x):
+            _ms_fwd_kernel[grid](x, w, ix, iw, labels, tgt, lse, B, N, D, x.stride(0), w.stride(0), scale, **bl)
     return lse
 
 
@@ -237,15 +238,17 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
     if need_x:
         gx = (torch.empty if B > 0 else torch.zeros)(B, D, dtype=x.dtype, device=x.device)
         if B > 0:
-            _ms_bwd_dx_kernel[(triton.cdiv(B, bl["BLOCK_B"]), n_slices)](
-                x, w, *row_args, gx, B, N, D, x.stride(0), w.stride(0), scale,
-                num_warps=warps_for(bl["BLOCK_B"], bl["BLOCK_DO"]), **bl,
-            )  # fmt: skip
+            with launch_on(x):
+                _ms_bwd_dx_kernel[(triton.cdiv(B, bl["BLOCK_B"]), n_slices)](
+                    x, w, *row_args, gx, B, N, D, x.stride(0), w.stride(0), scale,
+                    num_warps=warps_for(bl["BLOCK_B"], bl["BLOCK_DO"]), **bl,
+                )  # fmt: skip
     if need_w:
         gw = (torch.empty if B > 0 else torch.zeros)(N, D, dtype=w.dtype, device=w.device)
         if B > 0:
-            _ms_bwd_dw_kernel[(triton.cdiv(N, bl["BLOCK_N"]), n_slices)](
-                x, w, *row_args, gw, B, N, D, x.stride(0), w.stride(0), scale,
-                num_warps=warps_for(bl["BLOCK_N"], bl["BLOCK_DO"]), **bl,
-            )  # fmt: skip
+            with launch_on(x):
+                _ms_bwd_dw_kernel[(triton.cdiv(N, bl["BLOCK_N"]), n_slices)](
+                    x, w, *row_args, gw, B, N, D, x.stride(0), w.stride(0), scale,
+                    num_warps=warps_for(bl["BLOCK_N"], bl["BLOCK_DO"]), **bl,
+                )  # fmt: skip
     return gx, gw

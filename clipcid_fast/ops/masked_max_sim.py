@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _validate, reference
 from .._backend import resolve
-from ._triton import jit, tl, triton
+from ._triton import jit, launch_on, tl, triton
 from ._triton_tiles import warps_for
 
 TRITON_TILE_MAX = 128
@@ -120,10 +120,11 @@ def _triton_max_sim(a: Tensor, y: Tensor, masked: bool, tile: int) -> tuple[Tens
     # [block, slice] fp32 tiles: 96 KB) inside an A100's 164 KB of shared memory (see _triton_tiles.py).
     block = min(TRITON_TILE_MAX, triton.next_power_of_2(tile)) if tile > 0 else 64
     block_d = min(64 if block <= 64 else 32, max(16, triton.next_power_of_2(D)))
-    _max_sim_kernel[(triton.cdiv(n, block),)](
-        a, y, ia, iy, m, idx, a.shape[0], n, D, a.stride(0), y.stride(0),
-        MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps_for(block, block),
-    )  # fmt: skip
+    with launch_on(y):
+        _max_sim_kernel[(triton.cdiv(n, block),)](
+            a, y, ia, iy, m, idx, a.shape[0], n, D, a.stride(0), y.stride(0),
+            MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps_for(block, block),
+        )  # fmt: skip
     return m, idx
 
 

@@ -13,7 +13,7 @@ block's logits). Block sizes: ``_triton_tiles``.
 import torch
 from torch import Tensor
 
-from ._triton import jit, tl, triton
+from ._triton import jit, launch_on, tl, triton
 from ._triton_tiles import D_SLICE, K_SLICE, ROWS_MAX, block, dot_rows, load_slice, warps_for
 
 # Sizes are not specialised on (value 1, divisibility by 16): one compiled kernel serves every batch size, so
@@ -218,11 +218,12 @@ def _fwd_dir(a, b, at, bt, beta, alpha, kind, off, soft, transposed):
     stats = torch.zeros(2, R, dtype=torch.float32, device=a.device)
     blk = _blocks(R, C, D, DT)
     grid = (triton.cdiv(R, blk["BLOCK_R"]),)
-    _rel_fwd_kernel[grid](
-        a, b, at, bt, beta, alpha, loss, stats[0], stats[1], R, C, D, DT, off,
-        a.stride(0), b.stride(0), at.stride(0), bt.stride(0),
-        SOFT=soft, KL=kind == "kl", T=transposed, **blk,
-    )  # fmt: skip
+    with launch_on(a):
+        _rel_fwd_kernel[grid](
+            a, b, at, bt, beta, alpha, loss, stats[0], stats[1], R, C, D, DT, off,
+            a.stride(0), b.stride(0), at.stride(0), bt.stride(0),
+            SOFT=soft, KL=kind == "kl", T=transposed, **blk,
+        )  # fmt: skip
     return loss, stats
 
 
@@ -256,12 +257,13 @@ def _bwd_dir(a, b, at, bt, beta, alpha, ga, sa, gb, sb, off, soft, has_a, has_b,
     if not has_b:
         gb, sb = dummy, torch.zeros(2, 1, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(R, blk["BLOCK_R"]), n_slices)
-    _rel_bwd_kernel[grid](
-        a, b, at, bt, beta, alpha, ga.contiguous(), sa[0].contiguous(), sa[1].contiguous(),
-        gb.contiguous(), sb[0].contiguous(), sb[1].contiguous(), out, dscale, R, C, D, DT, off,
-        a.stride(0), b.stride(0), at.stride(0), bt.stride(0),
-        SOFT=soft, HAS_A=has_a, HAS_B=has_b, T=transposed, num_warps=warps_for(blk["BLOCK_R"], blk["BLOCK_DO"]), **blk,
-    )  # fmt: skip
+    with launch_on(a):
+        _rel_bwd_kernel[grid](
+            a, b, at, bt, beta, alpha, ga.contiguous(), sa[0].contiguous(), sa[1].contiguous(),
+            gb.contiguous(), sb[0].contiguous(), sb[1].contiguous(), out, dscale, R, C, D, DT, off,
+            a.stride(0), b.stride(0), at.stride(0), bt.stride(0), SOFT=soft, HAS_A=has_a, HAS_B=has_b, T=transposed,
+            num_warps=warps_for(blk["BLOCK_R"], blk["BLOCK_DO"]), **blk,
+        )  # fmt: skip
     return out, dscale
 
 

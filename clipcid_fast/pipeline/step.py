@@ -96,6 +96,11 @@ class TrainStep:
         self.replicated = [p for p in params if id(p) not in sharded]
         model_ids = {id(p) for p in model.parameters()}
         self.recipe_replicated = [p for p in self.replicated if id(p) not in model_ids]
+        # they start as rank 0's (DDP does this for the student): the ranks' RNG streams may differ by the time the
+        # recipe's projections are drawn (rank 0 alone may have trained the default teacher), and averaged
+        # gradients only keep equal weights equal
+        with torch.no_grad():
+            comm.broadcast_(self.recipe_replicated)
 
     # -- encoding
 

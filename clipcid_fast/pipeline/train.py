@@ -198,10 +198,12 @@ class _ZeroShotProbe:
     def __call__(self, model: torch.nn.Module) -> dict:
         was_training = model.training
         model.eval()
-        prompts = torch.stack([models.normalized_features(model, texts=p) for p in self.prompts])
+        dev = next(model.parameters()).device  # the held-out inputs stay on the host; features come back to it
+        prompts = torch.stack([models.normalized_features(model, texts=p.to(dev)).float().cpu() for p in self.prompts])
         acc = self._acc_cls(self._classifier(prompts))
         for s in range(0, len(self.labels), 500):
-            acc.update(models.normalized_features(model, images=self.images[s : s + 500]), self.labels[s : s + 500])
+            feats = models.normalized_features(model, images=self.images[s : s + 500].to(dev)).float().cpu()
+            acc.update(feats, self.labels[s : s + 500])
         model.train(was_training)
         r = acc.result()
         return {"eval_zeroshot_top1": r["top1"], "eval_mean_per_class_recall": r["mean_per_class_recall"]}
@@ -229,6 +231,11 @@ def _check(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.grad_clip < 0:
         raise ValueError(f"--lr must be > 0 and --grad-clip >= 0, got {cfg.lr} and {cfg.grad_clip}")
+    if cfg.local_loss and cfg.recipe != "distill":
+        raise ValueError(
+            f"--local-loss applies to --recipe distill (open_clip's DistillClipLoss); {cfg.recipe}'s losses are over "
+            "the global batch on every rank"
+        )
     if cfg.batch_size % (world * cfg.accum_freq):
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be a multiple of world size x --accum-freq = {world} x "
@@ -236,10 +243,18 @@ def _check(cfg: TrainConfig, world: int = 1) -> None:
         )
 
 
-def _device(comm: Comm) -> torch.device:
+def _local_device() -> torch.device:
+    """This rank's device: GPU ``LOCAL_RANK`` (made the current device: Triton and CUDA events use the current
+    one, and every rank left on GPU 0 would launch there), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
     return torch.device("cpu")
+
+
+def _comm(device: torch.device) -> Comm:
+    return Comm(backend="nccl" if device.type == "cuda" else "gloo", device=device)
 
 
 @dataclasses.dataclass
@@ -274,9 +289,9 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
 
     Under ``torchrun`` rank 0 loads the teacher first (a default teacher is trained once and cached) while
     the others wait; a failure on any rank is raised on every rank."""
-    comm = comm if comm is not None else Comm()
+    device = _local_device()
+    comm = comm if comm is not None else _comm(device)
     _check(cfg, comm.world)
-    device = _device(comm)
 
     # -- models
     torch.manual_seed(cfg.seed)
@@ -402,9 +417,10 @@ class _Pending:
         packed = torch.stack([values[k].float() for k in names]).detach()
         if packed.is_cuda:  # into pinned memory: a copy to pageable memory would wait for the device
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            stream = torch.cuda.current_stream(packed.device)  # the copy's stream, whatever the current device
             packed = host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(stream)
         else:
             event = None
         self.item = (step, names, packed, event, extra)
@@ -420,7 +436,7 @@ class _Pending:
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    comm = Comm(backend="nccl" if torch.cuda.is_available() else "gloo", device=None)
+    comm = _comm(_local_device())
     try:
         return _run(cfg, comm)
     finally:
@@ -526,7 +542,8 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
         pending.put(step + 1, values, {"lr": lr})
         seen += batch["image"].shape[0] * comm.world
         bar.update(1)
-        needs_log = probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+        # on every rank (the probe runs on rank 0 only): a NaN found here stops all ranks at the same step
+        needs_log = bool(cfg.eval_every) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
         if needs_log:
             flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
