@@ -297,11 +297,11 @@ class _Plugin:
         """Under torchrun, kd / rd's scales and projections train in DDP, as open_clip_train's model does.
 
         Their gradients differ between ranks: a projection sees only its rank's rows (the gathered copies of the
-        other ranks' rows carry no gradient here), and with ``--local-loss`` every term is the rank's own. Left
-        alone, every rank would step its own copy and the copies would drift apart (and only rank 0's would be
-        saved). DDP averages them as it averages the model's, so both follow open_clip's gradient convention
-        (exact with ``--gather-with-grad``, scaled by 1/world without, like the model's). ``static_graph``:
-        a zero-weight term leaves its scale unused, the same one on every step.
+        other ranks' rows carry no gradient here). Left alone, every rank would step its own copy and the copies
+        would drift apart (and only rank 0's would be saved). DDP averages them as it averages the model's, so
+        both follow open_clip's gradient convention (exact with ``--gather-with-grad``; without it the
+        projections' gradients are scaled by 1/world like the model's weights'). ``static_graph``: a zero-weight
+        term leaves its scale unused, the same one on every step.
         """
         if not getattr(args, "distributed", False) or not any(p.requires_grad for p in loss.parameters()):
             return loss

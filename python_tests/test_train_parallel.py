@@ -280,3 +280,27 @@ def test_batch_builder_cache_is_bounded(assets, tmp_path):
     assert len(small._items) == 3 and small._cached_bytes == 3 * per_item
     for k in ("image", "text", "dist_image"):
         assert torch.equal(first[k], again[k]) and torch.equal(first[k], p.builder(rows)[k])
+
+
+def test_accumulation_replays_dropout_in_pass_2(assets, tmp_path):
+    """A student with dropout (ViT patch dropout 0.5): pass 2 re-encodes each micro-batch with pass 1's RNG
+    state, so the graph it backpropagates is the one whose features the loss saw (bit for bit); the guard shows
+    the dropout draws (a third encode, without the replay, gives other features)."""
+    cfg_path = str(tmp_path / "dropout_student.json")
+    student = _vit(32, 32)
+    student["vision_cfg"]["patch_dropout"] = 0.5
+    with open(cfg_path, "w") as f:
+        json.dump(student, f)
+    mcfg = dataclasses.replace(assets.models, student=cfg_path)
+    p = train.prepare(make_cfg(assets, tmp_path / "run", "kd", accum_freq=2, models=mcfg))
+    seen = []
+    hook = p.step.encoder.register_forward_hook(lambda mod, args, out: seen.append(out[0].detach().clone()))
+    batch = p.batch(0)
+    p.step(batch)
+    assert len(seen) == 4  # pass 1: micro-batches 0, 1; pass 2: 0, 1
+    for k in range(2):
+        assert torch.equal(seen[k], seen[2 + k]), f"micro-batch {k}: pass 2's features differ from pass 1's"
+    with torch.no_grad():
+        p.step._encode(batch["image"][: BATCH // 2], batch["text"][: BATCH // 2])
+    hook.remove()
+    assert not torch.allclose(seen[4], seen[0], atol=1e-3)

@@ -14,8 +14,9 @@ GPU the trainer can queue the next step before it logs this one.
   ops) and gives the gradient of every feature; pass 2 re-encodes micro-batch k with a graph and
   backpropagates its slice of those gradients. The result is the big-batch gradient, with the activation
   memory of one micro-batch, for every recipe. Exact where the encoder is a function of each micro-batch
-  alone and deterministic: batch-norm sees micro-batch statistics (as in any accumulation; its running
-  statistics are updated once, by pass 2), dropout would draw anew in pass 2.
+  alone: batch-norm sees micro-batch statistics (as in any accumulation; its running statistics are updated
+  once, by pass 2). Dropout is exact to pass 1's draws: pass 2 replays each micro-batch's RNG state (GradCache's
+  rule), so its graph is the one whose features the loss saw (the draws differ from a one-batch step's).
 * **Clipping** over all parameters (sharded centres' squares summed over ranks), then AdamW, the schedule,
   and open_clip's clamp of the student's logit scale.
 """
@@ -62,6 +63,17 @@ def _buffers_kept(model: nn.Module):
                 b.copy_(s)
 
 
+def _rng_state(device: torch.device):
+    """The generators an encoder's dropout draws from: the host's, and the device's on CUDA (host-side state)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class TrainStep:
     def __init__(
         self,
@@ -104,16 +116,22 @@ class TrainStep:
 
     # -- encoding
 
+    def _h2d(self, t: Tensor) -> Tensor:
+        # A copy from pageable memory is staged by the host, which waits for it behind the kernels already queued
+        # (the previous step's): from pinned memory it is queued like a kernel. Pinning is a host-side copy.
+        if self.device.type == "cuda" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
     def _texts(self, texts: Tensor) -> dict:
         if not self.dedup:
-            return {"texts": texts.to(self.device, non_blocking=True)}
+            return {"texts": self._h2d(texts)}
         distinct, inverse = torch.unique(texts, dim=0, return_inverse=True)  # on the host: no device sync
-        return {"texts": None, "distinct": distinct.to(self.device, non_blocking=True),
-                "inverse": inverse.to(self.device, non_blocking=True)}  # fmt: skip
+        return {"texts": None, "distinct": self._h2d(distinct), "inverse": self._h2d(inverse)}
 
     def _encode(self, images: Tensor, texts: Tensor):
         with self.autocast():
-            return self.encoder(images.to(self.device, non_blocking=True), **self._texts(texts))
+            return self.encoder(self._h2d(images), **self._texts(texts))
 
     def _teacher_features(self, batch: dict, rows: slice) -> tuple[Tensor | None, Tensor | None]:
         if self.t_scale is None:
@@ -122,12 +140,10 @@ class TrainStep:
             from .models import normalized_features
 
             with torch.no_grad(), self.autocast():
-                t_img, t_txt = normalized_features(
-                    self.teacher, batch["image"][rows].to(self.device), batch["text"][rows].to(self.device)
-                )
+                t_img, t_txt = normalized_features(self.teacher, self._h2d(batch["image"][rows]),
+                                                   self._h2d(batch["text"][rows]))  # fmt: skip
             return t_img.float(), t_txt.float()
-        return (batch["dist_image"][rows].to(self.device, non_blocking=True),
-                batch["dist_text"][rows].to(self.device, non_blocking=True))  # fmt: skip
+        return self._h2d(batch["dist_image"][rows]), self._h2d(batch["dist_text"][rows])
 
     def _loss(self, img, txt, scale, t_img, t_txt, labels) -> dict[str, Tensor]:
         with self.autocast():
@@ -139,7 +155,7 @@ class TrainStep:
         images, texts = batch["image"], batch["text"]
         n = images.shape[0]
         labels = batch.get("cluster_label")
-        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
+        labels = self._h2d(labels) if labels is not None else None
         self.opt.zero_grad(set_to_none=True)
         if self.accum == 1:
             img, txt, scale = self._encode(images, texts)
@@ -153,8 +169,11 @@ class TrainStep:
     def _accumulated(self, batch, images, texts, labels, n) -> dict[str, Tensor]:
         k = self.accum
         micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+        rng, feats = [], []
         with torch.no_grad(), _buffers_kept(self.model):
-            feats = [self._encode(images[m], texts[m])[:2] for m in micro]
+            for m in micro:
+                rng.append(_rng_state(self.device))  # pass 2 replays it: the same dropout masks as pass 1
+                feats.append(self._encode(images[m], texts[m])[:2])
         teacher = [self._teacher_features(batch, m) for m in micro]
         img = torch.cat([f[0].float() for f in feats]).requires_grad_()
         txt = torch.cat([f[1].float() for f in feats]).requires_grad_()
@@ -168,6 +187,7 @@ class TrainStep:
             last = i == k - 1
             sync = self.encoder.no_sync() if self.comm.world > 1 and not last else contextlib.nullcontext()
             with sync:
+                _set_rng_state(rng[i], self.device)
                 out_img, out_txt, out_scale = self._encode(images[m], texts[m])
                 # the scale's gradient once (its graph is the same in every micro-batch); zeros keep DDP's
                 # every-parameter-used rule on the others
