@@ -25,7 +25,9 @@ def rng_state() -> dict:
     # numpy's legacy global stream: user code (and some libraries) may draw from it
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}  # noqa: NPY002
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current device's only: under torchrun that is this rank's GPU, and a resume on a host that sees
+        # fewer GPUs (set_rng_state_all would refuse it) restores it onto its own
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -34,7 +36,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # written before: every visible GPU's
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def save(path: str, **payload) -> None:
