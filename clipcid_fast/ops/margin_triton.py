@@ -32,6 +32,17 @@ def _ms_cos(
 
 
 @jit
+def _ms_logits_cos(
+    x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, ix, iw, scale, D,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """(z, cos) tiles of the backward from one set of dot products: z = the forward's logits bit for bit (ix·s
+    first, as ``_ms_fwd_kernel`` scales it), cos for the normalisation's projection coefficient Σ dcos·cos."""
+    dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
+    return dots * (ix * scale)[:, None] * iw[None, :], dots * ix[:, None] * iw[None, :]
+
+
+@jit
 def _ms_row_terms(ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask):
     """Per-row backward terms: inverse norm, label, s·ψ, lse, g_lse, g_target, dψ/dc."""
     ix = tl.load(ix_ptr + rows, mask=rmask, other=0.0)
@@ -136,9 +147,8 @@ def _ms_bwd_dx_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
         iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-        dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
-        z = dots * (ix * scale)[:, None] * iw[None, :]  # the forward's logits, bit for bit
-        c = dots * ix[:, None] * iw[None, :]
+        z, c = _ms_logits_cos(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, ix, iw, scale, D, BLOCK_B, BLOCK_N,
+                              BLOCK_K)  # fmt: skip
         d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
         d = tl.where(cmask[None, :], d, 0.0)
         proj += tl.sum(d * c, 1)
@@ -192,9 +202,8 @@ def _ms_bwd_dw_kernel(
         ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
             ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
         )
-        dots = dot_rows(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, 1.0, D, BLOCK_B, BLOCK_N, BLOCK_K, False)
-        z = dots * (ix * scale)[:, None] * iw[None, :]  # the forward's logits, bit for bit
-        c = dots * ix[:, None] * iw[None, :]
+        z, c = _ms_logits_cos(x_ptr, w_ptr, rows, rmask, cols, cmask, s_x, s_w, ix, iw, scale, D, BLOCK_B, BLOCK_N,
+                              BLOCK_K)  # fmt: skip
         d = _ms_dcos(z, cols, lab, tg, lse, gl, gt, dpsi, scale)
         d = tl.where(rmask[:, None], d, 0.0)
         proj += tl.sum(d * c, 0)
