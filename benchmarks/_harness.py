@@ -582,6 +582,14 @@ def plot(
 # --------------------------------------------------------------------------------------------------
 
 
+def plot_unless_disabled(args: argparse.Namespace, op: str, *, device: str, png_name: str | None = None) -> None:
+    """A benchmark's closing figure: ``plot`` of ``op`` beside ``args.csv`` (``<op>.png`` unless ``png_name``),
+    unless ``args.no_plot``."""
+    if not args.no_plot:
+        png = plot(args.csv, op, Path(args.csv).parent / (png_name or f"{op}.png"), device=device)
+        print(f"plot: {png}", flush=True)
+
+
 def common_args() -> argparse.ArgumentParser:
     """Argparse parent with the shared flags: --csv, --repeats, --warmup, --quick, --threads, --device."""
     p = argparse.ArgumentParser(add_help=False)

@@ -57,7 +57,7 @@ from benchmarks._harness import (
     load_factory,
     load_note,
     peak_memory,
-    plot,
+    plot_unless_disabled,
     time_fn,
     timed_row,
 )
@@ -284,9 +284,7 @@ def main(argv=None) -> None:
                     flush=True,
                 )
         append_rows(args.csv, rows)  # after each size, so an interrupted run keeps what it measured
-    if not args.no_plot:
-        png = plot(args.csv, OP, Path(args.csv).parent / f"{OP}.png", device=dev_name)
-        print(f"plot: {png}", flush=True)
+    plot_unless_disabled(args, OP, device=dev_name)
     print(f"results in {args.csv}; total {time.perf_counter() - t_start:.1f} s", flush=True)
 
 

@@ -48,7 +48,7 @@ from benchmarks._harness import (
     device_name,
     load_note,
     peak_memory,
-    plot,
+    plot_unless_disabled,
     time_fn,
     timed_row,
 )
@@ -159,9 +159,7 @@ def main(argv=None) -> None:
                     flush=True,
                 )
             append_rows(args.csv, rows)  # after each size, so an interrupted run keeps what it measured
-        if not args.no_plot:
-            png = plot(args.csv, op, Path(args.csv).parent / f"{op}.png", device=dev_name)
-            print(f"plot: {png}", flush=True)
+        plot_unless_disabled(args, op, device=dev_name)
     print(f"results in {args.csv}; total {time.perf_counter() - t_start:.1f} s", flush=True)
 
 

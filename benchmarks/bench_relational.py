@@ -55,7 +55,7 @@ from benchmarks._harness import (
     load_factory,
     load_note,
     peak_memory,
-    plot,
+    plot_unless_disabled,
     time_fn,
     timed_row,
 )
@@ -322,9 +322,7 @@ def main(argv=None) -> None:
                 if other == "open_clip" and not (math.isnan(o_peak) or math.isnan(f_peak)):
                     parts.append(f"peak/open_clip {f_peak / o_peak:.1%}")
         print(f"  B={size:<6d} {mode:4s} " + ", ".join(parts))
-    if not args.no_plot:
-        png = plot(args.csv, OP, Path(args.csv).parent / "distill_clip_fused.png", device=dev_name)
-        print(f"plot: {png}", flush=True)
+    plot_unless_disabled(args, OP, device=dev_name, png_name="distill_clip_fused.png")
     print(f"wrote {len(rows)} rows to {args.csv}; total {time.perf_counter() - t_start:.1f} s", flush=True)
 
 
