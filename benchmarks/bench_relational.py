@@ -319,7 +319,8 @@ def main(argv=None) -> None:
                 parts.append(f"fused/{other} {t['p50'] / by_key[(size, mode, other)][0]['p50']:.2f}")
                 o_peak = by_key[(size, mode, other)][1]["peak_mb"]
                 f_peak = by_key[(size, mode, prov)][1]["peak_mb"]
-                if other == "open_clip" and not (math.isnan(o_peak) or math.isnan(f_peak)):
+                # a tiny --quick size can leave open_clip's fresh-process peak at 0 MB above its baseline
+                if other == "open_clip" and not (math.isnan(o_peak) or math.isnan(f_peak)) and o_peak > 0:
                     parts.append(f"peak/open_clip {f_peak / o_peak:.1%}")
         print(f"  B={size:<6d} {mode:4s} " + ", ".join(parts))
     plot_unless_disabled(args, OP, device=dev_name, png_name="distill_clip_fused.png")
