@@ -129,9 +129,9 @@ class TrainStep:
         distinct, inverse = torch.unique(texts, dim=0, return_inverse=True)  # on the host: no device sync
         return {"texts": None, "distinct": self._h2d(distinct), "inverse": self._h2d(inverse)}
 
-    def _encode(self, images: Tensor, texts: Tensor):
+    def _encode(self, images: Tensor, text_args: dict):
         with self.autocast():
-            return self.encoder(self._h2d(images), **self._texts(texts))
+            return self.encoder(self._h2d(images), **text_args)
 
     def _teacher_features(self, batch: dict, rows: slice) -> tuple[Tensor | None, Tensor | None]:
         if self.t_scale is None:
@@ -152,13 +152,15 @@ class TrainStep:
     # -- the step
 
     def __call__(self, batch: dict) -> dict[str, Tensor]:
+        if self.device.type == "cuda":  # pinned once: every micro-batch slice of it is then copied as it is
+            batch = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in batch.items()}
         images, texts = batch["image"], batch["text"]
         n = images.shape[0]
         labels = batch.get("cluster_label")
         labels = self._h2d(labels) if labels is not None else None
         self.opt.zero_grad(set_to_none=True)
         if self.accum == 1:
-            img, txt, scale = self._encode(images, texts)
+            img, txt, scale = self._encode(images, self._texts(texts))
             t_img, t_txt = self._teacher_features(batch, slice(None))
             terms = self._loss(img, txt, scale, t_img, t_txt, labels)
             sum(terms.values()).backward()
@@ -169,11 +171,12 @@ class TrainStep:
     def _accumulated(self, batch, images, texts, labels, n) -> dict[str, Tensor]:
         k = self.accum
         micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+        text_args = [self._texts(texts[m]) for m in micro]  # the caption dedup and its copies, once for both passes
         rng, feats = [], []
         with torch.no_grad(), _buffers_kept(self.model):
-            for m in micro:
+            for m, t in zip(micro, text_args):
                 rng.append(_rng_state(self.device))  # pass 2 replays it: the same dropout masks as pass 1
-                feats.append(self._encode(images[m], texts[m])[:2])
+                feats.append(self._encode(images[m], t)[:2])
         teacher = [self._teacher_features(batch, m) for m in micro]
         img = torch.cat([f[0].float() for f in feats]).requires_grad_()
         txt = torch.cat([f[1].float() for f in feats]).requires_grad_()
@@ -188,7 +191,7 @@ class TrainStep:
             sync = self.encoder.no_sync() if self.comm.world > 1 and not last else contextlib.nullcontext()
             with sync:
                 _set_rng_state(rng[i], self.device)
-                out_img, out_txt, out_scale = self._encode(images[m], texts[m])
+                out_img, out_txt, out_scale = self._encode(images[m], text_args[i])
                 # the scale's gradient once (its graph is the same in every micro-batch); zeros keep DDP's
                 # every-parameter-used rule on the others
                 g_s = g_scale if last else torch.zeros_like(g_scale)
