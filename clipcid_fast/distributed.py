@@ -136,6 +136,11 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
 # the pipeline's process group
 
 
+def local_rank() -> int:
+    """This process's index on its host (torchrun's ``LOCAL_RANK``; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 class Comm:
     """Rank / world of this process and the host-side collectives the pipeline needs.
 
@@ -158,10 +163,6 @@ class Comm:
                 self.group = dist.new_group(backend="gloo")
         else:
             self.rank, self.world = 0, 1
-
-    @property
-    def local_rank(self) -> int:
-        return int(os.environ.get("LOCAL_RANK", "0"))
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import Comm, run_stage
+from ..distributed import Comm, local_rank, run_stage
 from . import checkpoint, data, models
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
@@ -247,7 +247,7 @@ def _local_device() -> torch.device:
     """This rank's device: GPU ``LOCAL_RANK`` (made the current device: Triton and CUDA events use the current
     one, and every rank left on GPU 0 would launch there), else the CPU."""
     if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev
     return torch.device("cpu")
