@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _host_sync import why_it_syncs
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -36,51 +37,13 @@ from clipcid_fast.losses import (
 )
 from clipcid_fast.ops import margin_softmax as ms
 
-aten = torch.ops.aten
-
 
 class HostSyncError(AssertionError):
     """An op on the hot path that would sync the host with the device (or read a value on the host)."""
 
 
-_SYNC_OPS = {
-    aten._local_scalar_dense: "reads a value on the host (.item(), float(t), int(t))",
-    aten.is_nonzero: "bool(tensor) reads a value on the host",
-    aten.item: "reads a value on the host",
-    aten.equal: "torch.equal returns a host bool",
-    aten.nonzero: "output shape depends on values (nonzero)",
-    aten.masked_select: "output shape depends on values",
-    aten.argwhere: "output shape depends on values",
-    aten._unique: "output shape depends on values",
-    aten._unique2: "output shape depends on values",
-    aten.unique_dim: "output shape depends on values",
-    aten.unique_consecutive: "output shape depends on values",
-    aten.unique_dim_consecutive: "output shape depends on values",
-    aten.bincount: "output shape depends on values",
-}
-_INDEX_OPS = (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_)
-
-
-def _why(func, args, kwargs) -> str | None:
-    packet = func.overloadpacket
-    if packet in _SYNC_OPS:
-        return _SYNC_OPS[packet]
-    if packet in _INDEX_OPS:
-        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
-            return "boolean-mask indexing: the output shape depends on values (a nonzero inside)"
-    if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-        return "repeat_interleave without output_size: the output shape depends on values"
-    if packet in (aten._to_copy, aten.copy_):
-        src = args[0] if packet is aten._to_copy else args[1]
-        dst = kwargs.get("device") if packet is aten._to_copy else args[0].device
-        if isinstance(src, torch.Tensor) and dst is not None and torch.device(dst) != src.device:
-            return f"a copy between devices ({src.device} -> {dst})"
-    return None
-
-
 class NoHostSync(TorchDispatchMode):
-    """Raises :class:`HostSyncError` on any op of ``_SYNC_OPS`` (and the like, see ``_why``); records the ops."""
+    """Raises :class:`HostSyncError` on any op that syncs (``_host_sync.why_it_syncs``); records the ops."""
 
     def __init__(self):
         super().__init__()
@@ -88,7 +51,7 @@ class NoHostSync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        why = _why(func, args, kwargs)
+        why = why_it_syncs(func, args, kwargs)
         if why is not None:
             raise HostSyncError(f"{func}: {why}")
         self.ops[str(func)] += 1

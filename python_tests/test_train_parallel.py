@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _host_sync import why_it_syncs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipcid_fast.pipeline import models, train
@@ -220,20 +221,18 @@ def test_plain_runs_are_not_trivially_equal(plain):
 
 
 class _ReadBacks(TorchDispatchMode):
-    """Records every op that makes the host wait for a tensor's values (.item(), bool(), nonzero, unique, ...)."""
-
-    OPS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten._unique2",
-           "aten.unique_dim", "aten.unique_consecutive", "aten.masked_select", "aten.repeat_interleave"})  # fmt: skip
+    """Records every op that makes the host wait for the device (``_host_sync.why_it_syncs``: .item(), bool(),
+    nonzero, unique, boolean-mask indexing, copies between devices, ...)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[str, torch.Tensor]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if name in self.OPS:
-            self.seen.append((name, args[0]))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if why_it_syncs(func, args, kwargs) is not None:
+            self.seen.append((str(func.overloadpacket), args[0]))
+        return func(*args, **kwargs)
 
 
 def _device_read_backs(p, batch: dict, seen) -> list[str]:
