@@ -32,15 +32,17 @@ from torch import Tensor
 
 from .. import _validate, reference
 from .._backend import resolve
-from ._triton import jit, launch_on, tl, triton
-from ._triton_tiles import warps_for
+from ._triton import jit, launch, launch_on, target, tl, triton
+from ._triton_tiles import dot_rows, k_slice, stages
 
-TRITON_TILE_MAX = 128
+TRITON_TILE_MAX = 64  # 128 × 128 tiles spill (their 64-bit pointer tensors): see _triton_tiles.py
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernel: program per column block of Y; loop over the row blocks of A (for the masked op only the
 # rows before the block's last column), D in slices. Cosines = (a·y)·inv_a·inv_y with the inverse norms
-# computed once outside (O(c)). fp32 dots with input_precision="ieee" (TF32 would blur near-duplicates).
+# computed once outside (O(c)). 16-bit rows go to tensor cores as they are (the embed cache is fp16: nothing is
+# lost); fp32 rows follow torch.get_float32_matmul_precision() (default "highest" = IEEE fp32; plain TF32 would
+# blur near-duplicates at eps = 1e-3, "tf32x3" keeps fp32 accuracy on tensor cores).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -61,6 +63,8 @@ def _max_sim_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: rows × stride passes 2^31 at 10M × 512
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -74,16 +78,8 @@ def _max_sim_kernel(
     for r0 in range(0, r_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < r_end
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            k_ok = ks < D
-            # bf16 / fp16 are loaded then widened: the interpreter mis-handles bf16 arithmetic and dots.
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            y_mask = col_ok[:, None] & k_ok[None, :]
-            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=a_mask, other=0.0)
-            yv = tl.load(y_ptr + cols[:, None] * stride_y + ks[None, :], mask=y_mask, other=0.0)
-            acc += tl.dot(a.to(tl.float32), tl.trans(yv.to(tl.float32)), input_precision="ieee")
+        acc = dot_rows(a_ptr, y_ptr, rows, row_ok, cols, col_ok, stride_a, stride_y, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                       UPCAST, PREC)  # fmt: skip
         ia = tl.load(ia_ptr + rows, mask=row_ok, other=0.0)
         s = acc * ia[:, None]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -116,14 +112,17 @@ def _triton_max_sim(a: Tensor, y: Tensor, masked: bool, tile: int) -> tuple[Tens
     ia = _inv_norms(a)
     iy = ia if masked else _inv_norms(y)
     # Triton blocks are powers of two; ≤ 128 keeps the fp32 [block, block] accumulator (8 warps) in registers,
-    # and a D slice of 64 (32 for 128-row blocks) keeps the pipelined K loop's operand buffers (3 stages of two
-    # [block, slice] fp32 tiles: 96 KB) inside an A100's 164 KB of shared memory (see _triton_tiles.py).
+    # and a D slice of 128 bytes a row keeps the pipelined K loop's operand buffers (3 stages of two
+    # [128, slice] tiles: 96 KB) inside an A100's 164 KB of shared memory (see _triton_tiles.py).
     block = min(TRITON_TILE_MAX, triton.next_power_of_2(tile)) if tile > 0 else 64
-    block_d = min(64 if block <= 64 else 32, max(16, triton.next_power_of_2(D)))
+    block_d = k_slice(y.dtype, D)
+    tg = target(y)
     with launch_on(y):
-        _max_sim_kernel[(triton.cdiv(n, block),)](
+        launch(
+            _max_sim_kernel, (triton.cdiv(n, block),),
             a, y, ia, iy, m, idx, a.shape[0], n, D, a.stride(0), y.stride(0),
-            MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps_for(block, block),
+            MASKED=masked, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8, num_stages=stages(y.dtype),
+            UPCAST=tg.upcast, PREC="ieee" if tg.upcast else tg.fp32_precision,
         )  # fmt: skip
     return m, idx
 

@@ -222,8 +222,9 @@ def relational_distill_op(
     args = (q_s, k_s, scale_s, q_t, k_t, scale_t, kind)
     if backend == "cpu":
         return torch.ops.clipcid_fast_C.relational_distill_fwd(*args)
-    if backend == "triton":
-        return _split_fwd(_triton_fwd, *args)
+    if backend == "triton":  # one soft pass carries the hard terms (the student statistics are shared)
+        sr, sc, st_r, st_c, hr, hc = _triton_fwd(*args, 0, True, True, hard=True)
+        return hr, hc, sr, sc, st_r, st_c
     return _split_fwd(_ref_fwd, *args)
 
 
@@ -262,7 +263,8 @@ def relational_distill_bwd_op(
     if backend == "cpu":
         return torch.ops.clipcid_fast_C.relational_distill_bwd(*args, stats_rows, stats_cols)
     if backend == "triton":
-        return _split_bwd(_triton_bwd, *args, stats_rows, stats_cols)
+        g_hr, g_hc, g_sr, g_sc, *inputs = args
+        return _triton_bwd(g_sr, g_sc, *inputs, stats_rows, stats_cols, 0, True, True, hard=(g_hr, g_hc))
     return _split_bwd(_ref_bwd, *args, stats_rows, stats_cols)
 
 

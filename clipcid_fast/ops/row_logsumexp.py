@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import c_extension
-from ._triton import jit, launch_on, tl, triton
+from ._triton import jit, launch, launch_on, tl, triton
 
 
 @jit
@@ -33,7 +33,7 @@ def _triton_fwd(x: Tensor) -> Tensor:
     if x.shape[0] > 0:
         block = min(1024, max(16, triton.next_power_of_2(x.shape[1])))
         with launch_on(x):
-            _row_lse_kernel[(x.shape[0],)](x, out, x.shape[1], x.stride(0), BLOCK=block)
+            launch(_row_lse_kernel, (x.shape[0],), x, out, x.shape[1], x.stride(0), BLOCK=block)
     return out
 
 
