@@ -4,10 +4,11 @@ The dot path (``_triton.Target``): on a GPU, 16-bit operands go straight into ``
 accumulator (tensor cores: a bf16×bf16 or fp16×fp16 product is exact in fp32, so this makes the same products
 as widening first, up to summation order), and fp32 operands use the ``PREC`` the launcher passes
 (``torch.get_float32_matmul_precision()``: "ieee" by default, "tf32" / "tf32x3" on tensor cores). Scales
-(s, logit scales) multiply the fp32 accumulator, never a 16-bit operand. Under the interpreter (``UPCAST``)
-16-bit tiles are widened before the dot, because the interpreter's bf16 ``tl.dot`` multiplies raw bits;
-gradient operands are still rounded to the inputs' dtype first (``operand``), so the interpreter checks the
-GPU's math, not a more exact one.
+(s, logit scales) multiply the fp32 accumulator, never a 16-bit operand. The gradient GEMMs (softmax
+differences × rows) run on TF32 tensor cores for 16-bit inputs (``operand``, ``grad_dot``). Under the
+interpreter (``UPCAST``) 16-bit tiles are widened before the dot, because the interpreter's bf16 ``tl.dot``
+multiplies raw bits, and the TF32 rounding of gradient tiles is emulated, so the interpreter checks the GPU's
+math, not a more exact one.
 
 Tile rules (checked for every configuration the launchers pick by ``benchmarks/triton_aot.py``: 0 spill bytes,
 shared memory inside an A100 / H100 block):
@@ -15,9 +16,9 @@ shared memory inside an A100 / H100 block):
 * logit tiles are made over the reduction dimension in ``k_slice(dtype)`` slices (128 bytes of a row per
   slice: 64 columns of 16-bit, 32 of fp32), software-pipelined by Triton;
 * gradient accumulators ([rows, D], fp32) stay in registers as up to ``N_ACC`` static slices of ``D_SLICE``
-  columns, so one program owns whole rows of the gradient up to D = 1024 and makes each logit tile once; wider
-  D is split over a second grid axis (each chunk remaking the logits). 32 rows × 1024 columns over 8 warps
-  is 128 accumulator registers a thread;
+  columns, so one program owns whole rows of the gradient up to D = 512 and makes each logit tile once; wider
+  D is split over a second grid axis (each chunk remaking the logits). Registers, not the accumulators, are
+  the limit: every loaded tile carries a 64-bit pointer per element, so wider slices or streamed tiles spill;
 * every dimension handed to ``tl.dot`` is ≥ 16 (Triton's minimum) and a power of two.
 
 Offsets are int64 wherever a row index is multiplied by a stride (callers pass int64 row / column vectors).
