@@ -72,7 +72,8 @@ def _rel_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # out[0] = loss (soft, or hard without SOFT), out[1] = lse of Zs, out[2] = lse of Zt, out[3] = hard loss (HARD)
+    # out[0] = lse of Zs, out[1] = lse of Zt (the stats, first: returned as a view at offset 0), out[2] = loss
+    # (soft, or hard without SOFT), out[3] = hard loss (HARD)
     blk, a_ptr, b_ptr, at_ptr, bt_ptr, s_a, s_b, s_at, s_bt, n_a, n_b, o, is_col = _direction(
         tl.program_id(0), NB_R, q_ptr, k_ptr, qt_ptr, kt_ptr, s_q, s_k, s_qt, s_kt, R, C, off
     )
@@ -123,13 +124,13 @@ def _rel_fwd_kernel(
             loss = mean - lse_t + lse_s
         else:
             loss = lse_s - mean
-        tl.store(out_ptr + 2 * n_a + rows, lse_t, mask=rmask)
+        tl.store(out_ptr + n_a + rows, lse_t, mask=rmask)
         if HARD:
             tl.store(out_ptr + 3 * n_a + rows, lse_s - diag, mask=rmask)
     else:
         loss = lse_s - diag
-    tl.store(out_ptr + rows, loss, mask=rmask)
-    tl.store(out_ptr + n_a + rows, lse_s, mask=rmask)
+    tl.store(out_ptr + 2 * n_a + rows, loss, mask=rmask)
+    tl.store(out_ptr + rows, lse_s, mask=rmask)
 
 
 @jit
@@ -282,7 +283,7 @@ def triton_fwd(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, off, rows, cols, hard
                 num_warps=FWD_WARPS, num_stages=stages(q_s.dtype), **meta,
             )  # fmt: skip
     # custom ops may not return aliases of one another: the O(B) losses are copied out of the packed buffer
-    res = (out_r[0].clone(), out_c[0].clone(), out_r[1:3], out_c[1:3])
+    res = (out_r[2].clone(), out_c[2].clone(), out_r[0:2], out_c[0:2])
     return (*res, out_r[3].clone(), out_c[3].clone()) if hard else res
 
 
