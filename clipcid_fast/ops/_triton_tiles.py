@@ -59,11 +59,6 @@ def grad_slices(D: int) -> tuple[int, int, int]:
     return do, n, -(-D // (do * n))
 
 
-def warps_for(rows: int, cols: int) -> int:
-    """num_warps for an fp32 accumulator of rows × cols: ≤ 64 accumulator registers a thread."""
-    return 8 if rows * cols >= 64 * 128 else 4
-
-
 @jit
 def dot_rows(
     a_ptr,
@@ -95,13 +90,6 @@ def dot_rows(
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc
-
-
-@jit
-def load_slice(ptr, idx, imask, stride, dofs, dmask):
-    """Rows ``idx`` (int64) × columns ``dofs`` of a row-major matrix as an fp32 block (0 outside the masks)."""
-    v = tl.load(ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
-    return v.to(tl.float32)
 
 
 @jit
