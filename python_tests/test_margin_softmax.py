@@ -597,10 +597,12 @@ def test_triton_fallback_and_no_labels(triton_device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_wide_features_over_several_d_slices(triton_device, dtype):
-    """D = 300: several K slices per cosine tile and two D slices (the last ragged) of both gradient
-    accumulators (the GPU layout of D = 512 / 768, at interpreter-sized B and N)."""
-    _check(9, 70, 300, dtype, MARGINS["arcface"], "triton", labels="mixed", device=triton_device)
+@pytest.mark.parametrize("D", [300, 600])
+def test_triton_wide_features_over_several_d_slices(triton_device, dtype, D):
+    """D = 300: several K slices per cosine tile and several accumulator slices (the last ragged) of both
+    gradients in one program; D = 600: in fp32 past 8 slices of 64, two chunks along D on a second grid axis
+    (the GPU layout of D = 512 / 768 / 1024, at interpreter-sized B and N)."""
+    _check(9, 70, D, dtype, MARGINS["arcface"], "triton", labels="mixed", device=triton_device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -201,10 +201,12 @@ def test_triton_rectangular_offset_and_one_direction(triton_device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("mode,kind", MODES)
-def test_triton_wide_features_over_several_d_slices(triton_device, mode, kind):
-    """D = 300 (D_t = 305): several K slices per logit tile and two D slices of the backward's accumulator,
-    the last one ragged (the GPU layout of D = 512 / 768, at interpreter-sized B)."""
-    _check(20, 20, 300, torch.float32, mode, kind, "triton", device=triton_device)
+@pytest.mark.parametrize("D", [300, 600])
+def test_triton_wide_features_over_several_d_slices(triton_device, mode, kind, D):
+    """D = 300 (D_t = 305): several K slices per logit tile and five 64-column accumulator slices in one backward
+    program, the last one ragged; D = 600 (fp32): past 8 slices, two chunks along D on a second grid axis, each
+    remaking its logits (the GPU layout of D = 512 / 768 / 1024, at interpreter-sized B)."""
+    _check(20, 20, D, torch.float32, mode, kind, "triton", device=triton_device)
 
 
 def _distill_inputs(B, D, seed=0):

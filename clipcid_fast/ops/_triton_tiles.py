@@ -30,9 +30,7 @@ import torch
 from ._triton import jit, tl
 
 ROWS_MAX = 64  # rows of A / columns of B per logit tile
-D_SLICE = 128  # columns of one gradient accumulator slice (256 spills: the 64-bit pointers of its operand tile)
-N_ACC = 4  # accumulator slices one program holds: whole rows up to D = N_ACC · D_SLICE
-GRAD_ROWS = 32  # rows of a program that holds gradient accumulators (registers: see the module docstring)
+N_ACC = 8  # accumulator slices one program may hold (``grad_plan``)
 GRAD_WARPS = 8
 
 
@@ -48,15 +46,25 @@ def k_slice(dtype: torch.dtype, K: int) -> int:
 
 
 def stages(dtype: torch.dtype) -> int:
-    """Software-pipeline depth: fp32 operands are twice the registers of 16-bit ones, and 3 stages spill."""
-    return 2 if dtype == torch.float32 else 3
+    """Software-pipeline depth: fp32 operands take twice the registers of 16-bit ones; pipelined, they spill."""
+    return 1 if dtype == torch.float32 else 3
 
 
-def grad_slices(D: int) -> tuple[int, int, int]:
-    """(BLOCK_DO, N_ACC, chunks): accumulator slice width, slices per program, programs along D."""
-    do = block(D, D_SLICE)
+def grad_plan(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_DO, N_ACC, chunks, rows) of a program that holds gradient rows: accumulator slices of 128 columns
+    (wider ones spill), up to ``N_ACC`` of them, so whole rows up to D = 1024 and each logit tile made once;
+    beyond that, chunks along D over a second grid axis. Rows: 32 for 16-bit inputs up to 512 columns, else 16
+    (≤ 64 accumulator registers a thread at 8 warps; fp32 operand tiles take twice the registers)."""
+    do = block(D, 128)
     n = min(N_ACC, -(-D // do))
-    return do, n, -(-D // (do * n))
+    rows = 32 if dtype != torch.float32 and n * do <= 512 else 16
+    return do, n, -(-D // (do * n)), rows
+
+
+def row_block(n: int, dtype: torch.dtype) -> int:
+    """Rows of a logit-only program (forward statistics, max similarity): 64, or 32 for fp32 operands, whose
+    tiles take twice the registers (64-row fp32 tiles spill)."""
+    return block(n, ROWS_MAX if dtype != torch.float32 else ROWS_MAX // 2)
 
 
 @jit
@@ -108,32 +116,71 @@ def operand(v, a_ptr, b_ptr, UPCAST: tl.constexpr):
 
 
 @jit
-def grad_dot(
-    acc, g, b_ptr, idx, imask, stride, d0, D, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr
-):
-    """``acc + g · B[idx, d0 : d0 + BLOCK_DO]``: g an fp32 [R, len(idx)] tile from ``operand``; 16-bit B rows on
-    TF32 tensor cores (see ``operand``), fp32 ones at ``PREC``."""
+def grad_dot(acc, g, b_ptr, o_ptr, idx, imask, stride, d0, D, BLOCK_DO: tl.constexpr, TRANS: tl.constexpr,
+             PREC: tl.constexpr):  # fmt: skip
+    """``acc + g · B[idx, d0 : d0 + BLOCK_DO]`` (``TRANS``: ``gᵀ · B``, the class-side gradient); g an fp32 tile
+    from ``operand``. When B and the other input (``o_ptr``) are the same 16-bit dtype, on TF32 tensor cores
+    (see ``operand``); otherwise (fp32, or mixed dtypes) fp32 at ``PREC``."""
     dofs = d0 + tl.arange(0, BLOCK_DO).to(tl.int64)
     b = tl.load(b_ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & (dofs < D)[None, :], other=0.0)
-    if b_ptr.dtype.element_ty != tl.float32:
+    if TRANS:
+        g = tl.trans(g)
+    if b_ptr.dtype.element_ty == o_ptr.dtype.element_ty and b_ptr.dtype.element_ty != tl.float32:
         acc = tl.dot(g, b.to(tl.float32), acc, input_precision="tf32")
     else:
-        acc = tl.dot(g, b, acc, input_precision=PREC)
+        acc = tl.dot(g, b.to(tl.float32), acc, input_precision=PREC)
     return acc
 
 
 @jit
-def grad_dot_t(
-    acc, g, b_ptr, idx, imask, stride, d0, D, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr
-):
-    """``acc + gᵀ · B[idx, d0 : d0 + BLOCK_DO]`` (the transposed form, for the class-side gradient)."""
-    dofs = d0 + tl.arange(0, BLOCK_DO).to(tl.int64)
-    b = tl.load(b_ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & (dofs < D)[None, :], other=0.0)
-    if b_ptr.dtype.element_ty != tl.float32:
-        acc = tl.dot(tl.trans(g), b.to(tl.float32), acc, input_precision="tf32")
-    else:
-        acc = tl.dot(tl.trans(g), b, acc, input_precision=PREC)
-    return acc
+def acc_init(ROWS: tl.constexpr, BLOCK_DO: tl.constexpr, N_ACC: tl.constexpr):
+    """Eight accumulator slices: [ROWS, BLOCK_DO] fp32 zeros for the first N_ACC, [1, 1] placeholders after
+    (the static ``if``s of ``grad_dots`` never touch them, so they cost no registers)."""
+    a0 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    a1 = tl.zeros([1, 1], tl.float32)
+    a2 = tl.zeros([1, 1], tl.float32)
+    a3 = tl.zeros([1, 1], tl.float32)
+    a4 = tl.zeros([1, 1], tl.float32)
+    a5 = tl.zeros([1, 1], tl.float32)
+    a6 = tl.zeros([1, 1], tl.float32)
+    a7 = tl.zeros([1, 1], tl.float32)
+    if N_ACC > 1:
+        a1 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 2:
+        a2 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 3:
+        a3 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 4:
+        a4 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 5:
+        a5 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 6:
+        a6 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    if N_ACC > 7:
+        a7 = tl.zeros([ROWS, BLOCK_DO], tl.float32)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@jit
+def grad_dots(a0, a1, a2, a3, a4, a5, a6, a7, g, b_ptr, o_ptr, idx, imask, stride, d0, D, BLOCK_DO: tl.constexpr,
+              N_ACC: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """``grad_dot`` into each of the first N_ACC slices (columns d0 + i·BLOCK_DO): one G tile, whole rows."""
+    a0 = grad_dot(a0, g, b_ptr, o_ptr, idx, imask, stride, d0, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 1:
+        a1 = grad_dot(a1, g, b_ptr, o_ptr, idx, imask, stride, d0 + BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 2:
+        a2 = grad_dot(a2, g, b_ptr, o_ptr, idx, imask, stride, d0 + 2 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 3:
+        a3 = grad_dot(a3, g, b_ptr, o_ptr, idx, imask, stride, d0 + 3 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 4:
+        a4 = grad_dot(a4, g, b_ptr, o_ptr, idx, imask, stride, d0 + 4 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 5:
+        a5 = grad_dot(a5, g, b_ptr, o_ptr, idx, imask, stride, d0 + 5 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 6:
+        a6 = grad_dot(a6, g, b_ptr, o_ptr, idx, imask, stride, d0 + 6 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    if N_ACC > 7:
+        a7 = grad_dot(a7, g, b_ptr, o_ptr, idx, imask, stride, d0 + 7 * BLOCK_DO, D, BLOCK_DO, TRANS, PREC)
+    return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @jit

@@ -22,16 +22,16 @@ import torch
 
 from ._triton import jit, launch, launch_on, target, tl, triton
 from ._triton_tiles import (
-    GRAD_ROWS,
     GRAD_WARPS,
     ROWS_MAX,
+    acc_init,
     block,
     dot_rows,
-    grad_dot,
-    grad_dot_t,
-    grad_slices,
+    grad_dots,
+    grad_plan,
     k_slice,
     operand,
+    row_block,
     stages,
     store_rows,
 )
@@ -120,6 +120,27 @@ def _dx_finish(gx_ptr, x_ptr, acc, ix, proj, rows, rmask, s_x, d0, D, BLOCK_DO: 
     store_rows(gx_ptr, acc, rows, rmask, d0, D, BLOCK_DO)
 
 
+@jit
+def _finish_slices(out_ptr, a_ptr, a0, a1, a2, a3, a4, a5, a6, a7, inv, proj, rows, rmask, s_a, d0, D,
+                   BLOCK_DO: tl.constexpr, N_ACC: tl.constexpr, FINISH: tl.constexpr):  # fmt: skip
+    """``_dx_finish`` of each of the first N_ACC slices (columns d0 + i·BLOCK_DO)."""
+    _dx_finish(out_ptr, a_ptr, a0, inv, proj, rows, rmask, s_a, d0, D, BLOCK_DO, FINISH)
+    if N_ACC > 1:
+        _dx_finish(out_ptr, a_ptr, a1, inv, proj, rows, rmask, s_a, d0 + 1 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 2:
+        _dx_finish(out_ptr, a_ptr, a2, inv, proj, rows, rmask, s_a, d0 + 2 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 3:
+        _dx_finish(out_ptr, a_ptr, a3, inv, proj, rows, rmask, s_a, d0 + 3 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 4:
+        _dx_finish(out_ptr, a_ptr, a4, inv, proj, rows, rmask, s_a, d0 + 4 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 5:
+        _dx_finish(out_ptr, a_ptr, a5, inv, proj, rows, rmask, s_a, d0 + 5 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 6:
+        _dx_finish(out_ptr, a_ptr, a6, inv, proj, rows, rmask, s_a, d0 + 6 * BLOCK_DO, D, BLOCK_DO, FINISH)
+    if N_ACC > 7:
+        _dx_finish(out_ptr, a_ptr, a7, inv, proj, rows, rmask, s_a, d0 + 7 * BLOCK_DO, D, BLOCK_DO, FINISH)
+
+
 @jit(do_not_specialize=_SIZES)
 def _ms_bwd_dx_kernel(
     x_ptr, w_ptr, ix_ptr, iw_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, gx_ptr, proj_ptr,
@@ -138,10 +159,7 @@ def _ms_bwd_dx_kernel(
     ix, lab, tg, lse, gl, gt, dpsi = _ms_row_terms(
         ix_ptr, lab_ptr, tgt_ptr, lse_ptr, gl_ptr, gt_ptr, dpsi_ptr, rows, rmask
     )
-    acc0 = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
-    acc1 = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
-    acc2 = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
-    acc3 = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc_init(BLOCK_B, BLOCK_DO, N_ACC)
     proj = tl.zeros([BLOCK_B], tl.float32)
     n_lo = sp * N_PER
     n_hi = tl.minimum(n_lo + N_PER, N)
@@ -155,21 +173,10 @@ def _ms_bwd_dx_kernel(
         d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
         proj += tl.sum(d * c, 1)
         g = operand(d * iw[None, :], x_ptr, w_ptr, UPCAST)
-        acc0 = grad_dot(acc0, g, w_ptr, cols, cmask, s_w, d_base, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 1:
-            acc1 = grad_dot(acc1, g, w_ptr, cols, cmask, s_w, d_base + BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 2:
-            acc2 = grad_dot(acc2, g, w_ptr, cols, cmask, s_w, d_base + 2 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 3:
-            acc3 = grad_dot(acc3, g, w_ptr, cols, cmask, s_w, d_base + 3 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-    out = gx_ptr + sp * B * D
-    _dx_finish(out, x_ptr, acc0, ix, proj, rows, rmask, s_x, d_base, D, BLOCK_DO, FINISH)
-    if N_ACC > 1:
-        _dx_finish(out, x_ptr, acc1, ix, proj, rows, rmask, s_x, d_base + BLOCK_DO, D, BLOCK_DO, FINISH)
-    if N_ACC > 2:
-        _dx_finish(out, x_ptr, acc2, ix, proj, rows, rmask, s_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO, FINISH)
-    if N_ACC > 3:
-        _dx_finish(out, x_ptr, acc3, ix, proj, rows, rmask, s_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        a0, a1, a2, a3, a4, a5, a6, a7 = grad_dots(a0, a1, a2, a3, a4, a5, a6, a7, g, w_ptr, x_ptr, cols, cmask,
+                                                   s_w, d_base, D, BLOCK_DO, N_ACC, False, PREC)  # fmt: skip
+    _finish_slices(gx_ptr + sp * B * D, x_ptr, a0, a1, a2, a3, a4, a5, a6, a7, ix, proj, rows, rmask, s_x, d_base, D,
+                   BLOCK_DO, N_ACC, FINISH)  # fmt: skip
     if pd == 0:
         tl.store(proj_ptr + sp * B + rows, proj, mask=rmask)
 
@@ -191,10 +198,7 @@ def _ms_bwd_dw_kernel(
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cmask = cols < N
     iw = tl.load(iw_ptr + cols, mask=cmask, other=0.0)
-    acc0 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
-    acc3 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc_init(BLOCK_N, BLOCK_DO, N_ACC)
     proj = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -208,20 +212,10 @@ def _ms_bwd_dw_kernel(
         d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
         proj += tl.sum(d * c, 0)
         g = operand(d * ix[:, None], x_ptr, w_ptr, UPCAST)
-        acc0 = grad_dot_t(acc0, g, x_ptr, rows, rmask, s_x, d_base, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 1:
-            acc1 = grad_dot_t(acc1, g, x_ptr, rows, rmask, s_x, d_base + BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 2:
-            acc2 = grad_dot_t(acc2, g, x_ptr, rows, rmask, s_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 3:
-            acc3 = grad_dot_t(acc3, g, x_ptr, rows, rmask, s_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-    _dx_finish(gw_ptr, w_ptr, acc0, iw, proj, cols, cmask, s_w, d_base, D, BLOCK_DO, True)
-    if N_ACC > 1:
-        _dx_finish(gw_ptr, w_ptr, acc1, iw, proj, cols, cmask, s_w, d_base + BLOCK_DO, D, BLOCK_DO, True)
-    if N_ACC > 2:
-        _dx_finish(gw_ptr, w_ptr, acc2, iw, proj, cols, cmask, s_w, d_base + 2 * BLOCK_DO, D, BLOCK_DO, True)
-    if N_ACC > 3:
-        _dx_finish(gw_ptr, w_ptr, acc3, iw, proj, cols, cmask, s_w, d_base + 3 * BLOCK_DO, D, BLOCK_DO, True)
+        a0, a1, a2, a3, a4, a5, a6, a7 = grad_dots(a0, a1, a2, a3, a4, a5, a6, a7, g, x_ptr, w_ptr, rows, rmask,
+                                                   s_x, d_base, D, BLOCK_DO, N_ACC, True, PREC)  # fmt: skip
+    _finish_slices(gw_ptr, w_ptr, a0, a1, a2, a3, a4, a5, a6, a7, iw, proj, cols, cmask, s_w, d_base, D, BLOCK_DO,
+                   N_ACC, True)  # fmt: skip
 
 
 def _path(x, w) -> dict:
@@ -244,7 +238,7 @@ def triton_lse(x, w, labels, ix, iw, tgt, scale):
     N = w.shape[0]
     if B == 0 or N == 0:
         return torch.full((B,), float("-inf"), dtype=torch.float32, device=x.device)
-    bb, bn = block(B, ROWS_MAX), ROWS_MAX
+    bb, bn = row_block(B, x.dtype if x.dtype == w.dtype else torch.float32), ROWS_MAX
     nb = triton.cdiv(B, bb)
     splits, n_per = _splits(x, nb, N, bn)
     part = torch.empty(splits, B, dtype=torch.float32, device=x.device)
@@ -264,16 +258,16 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
     ``row_args`` = (ix, iw, labels, tgt, lse, g_lse, g_target, dψ/dc), each contiguous."""
     B, D = x.shape
     N = w.shape[0]
-    do, n_acc, chunks = grad_slices(D)
+    do, n_acc, chunks, rows_max = grad_plan(D, x.dtype if x.dtype == w.dtype else torch.float32)
     bk = k_slice(x.dtype, D)
     gx = x.new_empty(0)
     gw = w.new_empty(0)
     if need_x:
-        gx = _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk)
+        gx = _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max)
     if need_w:
         gw = (torch.empty if B > 0 else torch.zeros)(N, D, dtype=w.dtype, device=w.device)
         if B > 0 and N > 0:
-            bn = block(N, GRAD_ROWS)
+            bn = block(N, rows_max)
             with launch_on(x):
                 launch(
                     _ms_bwd_dw_kernel, (triton.cdiv(N, bn), chunks), x, w, *row_args, gw, B, N, D,
@@ -283,12 +277,12 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
     return gx, gw
 
 
-def _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk):
+def _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max):
     """grad_x: one launch over (row blocks, class splits, D chunks); with several splits the fp32 partial sums
     of dX_hat and of the projection coefficient are added here and finished through x's normalisation."""
     if B == 0 or N == 0:
         return torch.zeros(B, D, dtype=x.dtype, device=x.device)
-    bb, bn = block(B, GRAD_ROWS), GRAD_TILE
+    bb, bn = block(B, rows_max), GRAD_TILE
     nb = triton.cdiv(B, bb)
     splits, n_per = _splits(x, nb * chunks, N, bn)
     finish = splits == 1

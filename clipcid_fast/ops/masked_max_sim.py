@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import _validate, reference
 from .._backend import resolve
 from ._triton import jit, launch, launch_on, target, tl, triton
-from ._triton_tiles import dot_rows, k_slice, stages
+from ._triton_tiles import dot_rows, k_slice, row_block, stages
 
 TRITON_TILE_MAX = 64  # 128 × 128 tiles spill (their 64-bit pointer tensors): see _triton_tiles.py
 
@@ -115,6 +115,7 @@ def _triton_max_sim(a: Tensor, y: Tensor, masked: bool, tile: int) -> tuple[Tens
     # and a D slice of 128 bytes a row keeps the pipelined K loop's operand buffers (3 stages of two
     # [128, slice] tiles: 96 KB) inside an A100's 164 KB of shared memory (see _triton_tiles.py).
     block = min(TRITON_TILE_MAX, triton.next_power_of_2(tile)) if tile > 0 else 64
+    block = min(block, row_block(block, y.dtype))  # fp32: 32-row tiles (64 spill)
     block_d = k_slice(y.dtype, D)
     tg = target(y)
     with launch_on(y):

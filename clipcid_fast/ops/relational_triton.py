@@ -20,15 +20,16 @@ from torch import Tensor
 
 from ._triton import jit, launch, launch_on, target, tl, triton
 from ._triton_tiles import (
-    GRAD_ROWS,
     GRAD_WARPS,
     ROWS_MAX,
+    acc_init,
     block,
     dot_rows,
-    grad_dot,
-    grad_slices,
+    grad_dots,
+    grad_plan,
     k_slice,
     operand,
+    row_block,
     stages,
     store_rows,
 )
@@ -193,10 +194,7 @@ def _rel_bwd_kernel(
     beta = tl.load(beta_ptr).to(tl.float32)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     w_a, h_a, ls_a, lt_a = _row_weights(ga_ptr, ha_ptr, sa_ptr, rows, rmask, n_a, has_a, SOFT, HARD)
-    acc0 = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
-    acc1 = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
-    acc2 = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
-    acc3 = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc_init(BLOCK_R, BLOCK_DO, N_ACC)
     for c0 in range(0, n_b, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         cmask = cols < n_b
@@ -214,20 +212,10 @@ def _rel_bwd_kernel(
             hit = cols[None, :] == rows[:, None] + o
             g -= tl.where(hit, h_a[:, None] + h_b[None, :], 0.0)
         g = operand(tl.where(rmask[:, None] & cmask[None, :], g, 0.0), a_ptr, b_ptr, UPCAST)
-        acc0 = grad_dot(acc0, g, b_ptr, cols, cmask, s_b, d_base, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 1:
-            acc1 = grad_dot(acc1, g, b_ptr, cols, cmask, s_b, d_base + BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 2:
-            acc2 = grad_dot(acc2, g, b_ptr, cols, cmask, s_b, d_base + 2 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-        if N_ACC > 3:
-            acc3 = grad_dot(acc3, g, b_ptr, cols, cmask, s_b, d_base + 3 * BLOCK_DO, D, BLOCK_DO, UPCAST, PREC)
-    part = _store_slice(out_ptr, a_ptr, acc0, beta, rows, rmask, s_a, d_base, D, BLOCK_DO)
-    if N_ACC > 1:
-        part += _store_slice(out_ptr, a_ptr, acc1, beta, rows, rmask, s_a, d_base + BLOCK_DO, D, BLOCK_DO)
-    if N_ACC > 2:
-        part += _store_slice(out_ptr, a_ptr, acc2, beta, rows, rmask, s_a, d_base + 2 * BLOCK_DO, D, BLOCK_DO)
-    if N_ACC > 3:
-        part += _store_slice(out_ptr, a_ptr, acc3, beta, rows, rmask, s_a, d_base + 3 * BLOCK_DO, D, BLOCK_DO)
+        a0, a1, a2, a3, a4, a5, a6, a7 = grad_dots(a0, a1, a2, a3, a4, a5, a6, a7, g, b_ptr, a_ptr, cols, cmask,
+                                                   s_b, d_base, D, BLOCK_DO, N_ACC, False, PREC)  # fmt: skip
+    part = _store_slices(out_ptr, a_ptr, a0, a1, a2, a3, a4, a5, a6, a7, beta, rows, rmask, s_a, d_base, D, BLOCK_DO,
+                         N_ACC)  # fmt: skip
     if not is_col:
         tl.store(dscale_ptr + tl.program_id(1).to(tl.int64) * R + rows, part, mask=rmask)
 
@@ -239,6 +227,28 @@ def _store_slice(out_ptr, a_ptr, acc, beta, rows, rmask, s_a, d0, D, BLOCK_DO: t
     dofs = d0 + tl.arange(0, BLOCK_DO).to(tl.int64)
     a = tl.load(a_ptr + rows[:, None] * s_a + dofs[None, :], mask=rmask[:, None] & (dofs < D)[None, :], other=0.0)
     return tl.sum(a.to(tl.float32) * acc, 1)
+
+
+@jit
+def _store_slices(out_ptr, a_ptr, a0, a1, a2, a3, a4, a5, a6, a7, beta, rows, rmask, s_a, d0, D,
+                  BLOCK_DO: tl.constexpr, N_ACC: tl.constexpr):  # fmt: skip
+    """``_store_slice`` of each of the first N_ACC slices; the sum of their dβ parts."""
+    part = _store_slice(out_ptr, a_ptr, a0, beta, rows, rmask, s_a, d0, D, BLOCK_DO)
+    if N_ACC > 1:
+        part += _store_slice(out_ptr, a_ptr, a1, beta, rows, rmask, s_a, d0 + 1 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 2:
+        part += _store_slice(out_ptr, a_ptr, a2, beta, rows, rmask, s_a, d0 + 2 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 3:
+        part += _store_slice(out_ptr, a_ptr, a3, beta, rows, rmask, s_a, d0 + 3 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 4:
+        part += _store_slice(out_ptr, a_ptr, a4, beta, rows, rmask, s_a, d0 + 4 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 5:
+        part += _store_slice(out_ptr, a_ptr, a5, beta, rows, rmask, s_a, d0 + 5 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 6:
+        part += _store_slice(out_ptr, a_ptr, a6, beta, rows, rmask, s_a, d0 + 6 * BLOCK_DO, D, BLOCK_DO)
+    if N_ACC > 7:
+        part += _store_slice(out_ptr, a_ptr, a7, beta, rows, rmask, s_a, d0 + 7 * BLOCK_DO, D, BLOCK_DO)
+    return part
 
 
 def _scale_tensor(s: Tensor, like: Tensor) -> Tensor:
@@ -271,7 +281,7 @@ def triton_fwd(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, off, rows, cols, hard
     out_r = torch.zeros(4, R if rows else 0, dtype=torch.float32, device=q_s.device)
     out_c = torch.zeros(4, C if cols else 0, dtype=torch.float32, device=q_s.device)
     meta, n = _meta(q_s, q_t, D, DT, R, C)
-    br = block(n, ROWS_MAX)
+    br = max(16, row_block(n, q_s.dtype) // (1 if rows and cols else 2))  # one direction: twice the programs
     nb_r = triton.cdiv(R, br) if rows else 0
     grid = (nb_r + (triton.cdiv(C, br) if cols else 0),)
     if grid[0] > 0:
@@ -305,8 +315,8 @@ def triton_bwd(g_r, g_c, q_s, k_s, scale_s, q_t, k_t, scale_t, s_r, s_c, off, ro
         h_r = hard[0].float().contiguous() if rows else dummy
         h_c = hard[1].float().contiguous() if cols else dummy
     meta, n = _meta(q_s, q_t, D, DT, R, C)
-    do, n_acc, chunks = grad_slices(D)
-    br = block(n, GRAD_ROWS)
+    do, n_acc, chunks, rows_max = grad_plan(D, q_s.dtype)
+    br = block(n, rows_max)
     nb_r = triton.cdiv(R, br)
     dq = torch.empty_like(q_s) if R > 0 else torch.zeros_like(q_s)
     dk = torch.empty_like(k_s) if C > 0 else torch.zeros_like(k_s)
