@@ -224,7 +224,7 @@ def test_matches_dense_semdedup_brute_force(target):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("c,D", [(1, 3), (2, 77), (33, 77), (100, 40)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tile", [32, 64])
 def test_triton_matches_reference(triton_device, c, D, dtype, tile):
     _check_masked(random_rows(c, D, seed=c).to(dtype), "triton", tile=tile, device=triton_device)
@@ -234,7 +234,7 @@ def test_triton_matches_reference(triton_device, c, D, dtype, tile):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_nearest_centroid(triton_device, dtype):
     _check_nearest(70, 40, 77, dtype, "triton", 32, device=triton_device)
 

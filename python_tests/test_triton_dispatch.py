@@ -115,3 +115,10 @@ def test_margin_softmax_forward_splits_classes_only_when_rows_are_few():
     fwd = lambda ls: next(ln for ln in ls if ln.kernel.fn.__name__ == "_ms_fwd_kernel")  # noqa: E731
     assert fwd(small_b).grid[1] > 1
     assert fwd(big_b).grid[1] == 1
+
+
+def test_float16_rows_reach_the_triton_dedup_kernel_as_float16():
+    """The embed cache is fp16: the Triton backend takes it as stored (tensor cores), the C++ one widens it."""
+    x = torch.empty(8, 4, dtype=torch.float16)
+    assert masked_max_sim._backend_for("triton", x) == ("triton", torch.float16)
+    assert masked_max_sim._backend_for("reference", x)[1] == torch.float32

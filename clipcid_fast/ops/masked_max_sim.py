@@ -217,7 +217,8 @@ _register_c_fakes()
 # Public entry points: validation at the boundary, then one op call
 # --------------------------------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C++ / CUDA kernels' storage dtypes
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp16 (the embed cache) onto tensor cores as is
 
 
 def _check_rows(name: str, x: object, check_values: bool) -> Tensor:
@@ -247,7 +248,8 @@ def _check_tile(tile: object) -> int:
 
 
 def _backend_for(impl: str, *tensors: Tensor) -> tuple[str, torch.dtype]:
-    """The backend to run and the dtype to hand it (fp16 goes to the kernels as fp32; float64 → reference)."""
+    """The backend to run and the dtype to hand it (fp16 goes to the C++ / CUDA kernels as fp32 and to Triton as
+    it is; float64 → reference)."""
     device = tensors[0].device
     backend = resolve(impl, device, has_cuda_kernel=True)
     if backend in ("cpu", "cuda") and not has_cpu_kernel():
@@ -257,7 +259,8 @@ def _backend_for(impl: str, *tensors: Tensor) -> tuple[str, torch.dtype]:
     dtypes = {t.dtype for t in tensors}
     if torch.float64 in dtypes:
         return "reference", torch.float64
-    if len(dtypes) == 1 and next(iter(dtypes)) in _KERNEL_DTYPES:
+    kernel_dtypes = _TRITON_DTYPES if backend == "triton" else _KERNEL_DTYPES
+    if len(dtypes) == 1 and next(iter(dtypes)) in kernel_dtypes:
         return backend, next(iter(dtypes))
     return backend, torch.float32
 
@@ -272,7 +275,8 @@ def masked_max_similarity(
     never c×c on the fused backends.
 
     ``impl``: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``. dtypes: float32 and bfloat16 go to the
-    kernels as stored (fp32 math); float16 is widened to float32 first; float64 runs the reference.
+    kernels as stored (fp32 accumulation); float16 goes to Triton as stored and is widened to float32 for the
+    C++ / CUDA kernels; float64 runs the reference.
     ``tile``: block size (0 = the backend's default; results do not depend on it beyond fp32 rounding; Triton
     rounds it up to a power of two, at most 128; the CUDA C++ kernel has fixed 64 × 64 tiles).
     Validation: not a 2-d float tensor, no rows or no features → ``ValueError``; with ``check_values``
