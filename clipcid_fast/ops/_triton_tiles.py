@@ -13,8 +13,8 @@ math, not a more exact one.
 Tile rules (checked for every configuration the launchers pick by ``benchmarks/triton_aot.py``: 0 spill bytes,
 shared memory inside an A100 / H100 block):
 
-* logit tiles are made over the reduction dimension in ``k_slice(dtype)`` slices (128 bytes of a row per
-  slice: 64 columns of 16-bit, 32 of fp32), software-pipelined by Triton;
+* logit tiles are made over the reduction dimension in ``k_slice(dtype)`` slices (64 columns of 16-bit, 16 of
+  fp32), software-pipelined by Triton for 16-bit operands (``stages``);
 * gradient accumulators ([rows, D], fp32) stay in registers as up to ``N_ACC`` static slices of ``D_SLICE``
   columns, so one program owns whole rows of the gradient up to D = 512 and makes each logit tile once; wider
   D is split over a second grid axis (each chunk remaking the logits). Registers, not the accumulators, are
@@ -41,8 +41,9 @@ def block(n: int, cap: int) -> int:
 
 
 def k_slice(dtype: torch.dtype, K: int) -> int:
-    """Reduction slice of a logit tile: 128 bytes of a row (a full cache line / TMA-friendly), at most K's tile."""
-    return block(K, 32 if dtype == torch.float32 else 64)
+    """Reduction slice of a logit tile, at most K's tile: 64 columns of 16-bit (128 bytes: a cache line), 16 of
+    fp32 (fp32 operands are converted in registers for CUDA-core dots; 32-column slices spill)."""
+    return block(K, 16 if dtype == torch.float32 else 64)
 
 
 def stages(dtype: torch.dtype) -> int:
