@@ -439,18 +439,24 @@ def append_rows(csv_path: str | os.PathLike, rows: Iterable[Mapping]) -> int:
         if dev is None or str(dev).split(":")[0] in ("cpu", "cuda", "auto"):
             r["device"] = device_name(dev)
         out.append([_fmt(r.get(c)) for c in COLUMNS])
+    return append_table(path, COLUMNS, out)
+
+
+def append_table(path: Path, columns: tuple, cells: list[list[str]]) -> int:
+    """Append formatted rows to a long CSV with this exact header (written when the file is new; a file with
+    another header is refused, so two schemas never mix in one file). Returns the number of rows written."""
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if tuple(header or ()) != COLUMNS:
-            raise ValueError(f"{path} has header {header}, expected {list(COLUMNS)}")
+        if tuple(header or ()) != tuple(columns):
+            raise ValueError(f"{path} has header {header}, expected {list(columns)}")
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(COLUMNS)
-        w.writerows(out)
-    return len(out)
+            w.writerow(columns)
+        w.writerows(cells)
+    return len(cells)
 
 
 def read_rows(csv_path: str | os.PathLike) -> list[dict]:

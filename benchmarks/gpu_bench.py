@@ -21,7 +21,10 @@ peak extra device memory of the warm-up call (``max_memory_allocated`` − ``mem
 the CPU), TFLOP/s of the model FLOPs of ``gpu_providers`` and the row's share of the measured bf16 and fp32 mm
 rates (in the note). A provider whose estimated peak exceeds the plan's share of free memory, or whose time
 (predicted from its previous size, or from its warm-up call) does not fit what is left of the section, is
-skipped with the reason; every outcome goes to ``OUT/bench_status.jsonl`` for ``gpu_summary.py``.
+left out with the reason (``not measured`` when the budget is why, ``skipped`` for memory or a missing package);
+every outcome goes to ``OUT/bench_status.jsonl`` for ``gpu_summary.py``. A row still compiling or running when its
+section's process is stopped at the budget reads ``not measured`` there too: never a failure; an exception, or
+a section process that dies, is.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from benchmarks import gpu_providers as gp
 from benchmarks import gpu_sizes
 from benchmarks._harness import append_rows, device_name, load_note, plot, time_fn, timed_row
+from benchmarks.gpu_summary import NOT_MEASURED
 
 SECTIONS = ("mm", "k2", "k1", "k3", "balance")
 
@@ -100,10 +104,12 @@ class Section:
             need, free = peak_est / 1e9, self.free_bytes() / 1e9
             return self.status(**rec, status="skipped", why=f"memory: needs ~{need:.0f} GB, {free:.0f} GB free")
         if self.left() < 1.0:
-            return self.status(**rec, status="skipped", why="budget: the section's time is spent")
+            return self.status(**rec, status=NOT_MEASURED, why="budget: the section's time is spent")
         pred = self.predicted(key, work)
         if pred is not None and pred * (1 + self.plan.repeats) > self.left():
-            return self.status(**rec, status="skipped", why=f"budget: ~{pred:.1f} s a call, {self.left():.0f} s left")
+            return self.status(
+                **rec, status=NOT_MEASURED, why=f"budget: ~{pred:.1f} s a call, {self.left():.0f} s left"
+            )
         t0 = time.monotonic()
         self.status(**rec, status="started", quiet=True)  # a section killed mid-row leaves this as the last word
         try:
@@ -279,9 +285,6 @@ RUNNERS = {"mm": run_mm, "k2": run_k2, "k1": run_k1, "k3": run_k3, "balance": ru
 # --------------------------------------------------------------------------------------------------
 
 
-GRACE_S = 10  # past its deadline a section may still finish the row in flight and exit (torch teardown)
-
-
 def run_all(args, plan: gpu_sizes.Plan) -> int:
     """Each section in a child process (a crashed CUDA context stays in it), with its budget counted from its
     start (torch's import included) and a hard timeout a little after; then the plots."""
@@ -291,7 +294,9 @@ def run_all(args, plan: gpu_sizes.Plan) -> int:
         cmd = [sys.executable, __file__, "--plan", plan.name, "--out", str(args.out), "--section", name]
         t0 = time.monotonic()
         try:  # the child stops starting rows at its deadline; the timeout catches a hung kernel
-            rc = subprocess.run([*cmd, "--deadline", str(deadline)], timeout=budget + GRACE_S).returncode
+            rc = subprocess.run(
+                [*cmd, "--deadline", str(deadline)], timeout=budget + gpu_sizes.SECTION_GRACE_S
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0:

@@ -3,14 +3,18 @@
     python benchmarks/gpu_summary.py OUT_DIR
 
 Reads what the stages left in OUT_DIR: ``env.json`` (scripts/gpu_env.py), ``stages.jsonl`` (one line per stage
-of the shell script: status, seconds, exit code), ``junit_*.xml`` (pytest), ``bench_status.jsonl``
-(gpu_bench.py: every benchmark row measured, skipped or failed). Prints the stages, the test counts with the
-failed tests, the benchmark rows (p50 and p20–p80, peak memory, TFLOP/s, share of the measured fp32 / bf16
-``torch.mm``, time against the fused provider of the same row) and what was skipped and why.
+of the shell script: status, seconds, exit code), ``junit_*.xml`` (pytest; a stage's shards
+``junit_<stage>.<i>.xml`` are added up), ``bench_status.jsonl`` (gpu_bench.py: every benchmark row measured, not
+measured, skipped or failed) and, from a dry run, ``prediction.json`` (benchmarks/gpu_sizes.py). Prints the
+stages, the prediction, the test counts with the failed tests, the benchmark rows (p50 and p20–p80, peak memory,
+TFLOP/s, share of the measured fp32 / bf16 ``torch.mm``, time against the fused provider of the same row) and
+what was left out and why.
 
-Exit 1 when anything failed: the environment or the build, a test (failed, error, or its stage timed out), or
-a benchmark row of a fused kernel of this package (an error: it does not run). Rows skipped for memory, time
-or a missing package, and errors of the baselines (open_clip, eager forms), are reported, not failures.
+Exit 1 when anything failed: the environment or the build, a test (failed, error, or its stage timed out), the
+dry run's prediction (over 7 minutes), or a benchmark row of a fused kernel of this package (an error, or its
+section's process died in it: it does not run). Rows ``not measured`` (left out or cut off by their time budget),
+skipped for memory or a missing package, and errors of the baselines (open_clip, eager forms), are reported, not
+failures.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 OURS = ("fused-triton", "fused-cuda", "clipcid_fast")
+NOT_MEASURED = "not measured"  # a row its time budget left out or cut off: reported with the reason, never a failure
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -30,34 +35,46 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def tests(out: Path) -> list[dict]:
-    res = []
+    """One entry per test stage: ``junit_<stage>.xml``, or its shards ``junit_<stage>.<i>.xml`` added up."""
+    res: dict[str, dict] = {}
     for xml in sorted(out.glob("junit_*.xml")):
+        name = xml.stem.removeprefix("junit_").split(".")[0]
+        t = res.setdefault(name, {"name": name, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []})
         try:
             root = ET.parse(xml).getroot()
         except ET.ParseError as e:  # a run killed mid-write
-            res.append({"name": xml.stem, "error": f"unreadable ({e})", "failed": []})
+            t["error"] = f"{xml.name} unreadable ({e})"
             continue
         suites = [root] if root.tag == "testsuite" else list(root)
-        n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-        failed = [
+        for k in ("tests", "failures", "errors", "skipped"):
+            t[k] += sum(int(s.get(k, 0)) for s in suites)
+        t["failed"] += [
             f"{c.get('classname')}::{c.get('name')}"
             for s in suites
             for c in s.iter("testcase")
             if c.find("failure") is not None or c.find("error") is not None
         ]
-        res.append({"name": xml.stem.removeprefix("junit_"), **n, "failed": failed})
-    return res
+    return list(res.values())
 
 
 def in_flight(bench: list[dict]) -> list[dict]:
-    """Rows that started and never finished: their section was killed (a hang, or a row far over budget)."""
+    """Rows that started and never finished. Their section was stopped at its time limit (``not measured``: a row
+    still compiling or running when its budget ran out says nothing about the kernel) or its process died (an
+    ``error``: a crash, e.g. an illegal memory access, is a real failure)."""
     key = lambda r: (r["section"], r.get("op"), r.get("provider"), r.get("x"))  # noqa: E731
     started = {key(r): r for r in bench if r.get("status") == "started"}
     for r in bench:
         if r.get("status") != "started":
             started.pop(key(r), None)
-    why = "its section was stopped at the time limit in this row"
-    return [{**r, "status": "killed", "why": why} for r in started.values()]
+    exits = {r["section"]: r.get("why", "") for r in bench if r.get("status") == "section-failed"}
+    out = []
+    for r in started.values():
+        why = exits.get(r["section"], "")
+        if why and "timeout" not in why:
+            out.append({**r, "status": "error", "why": f"its section's process died in this row ({why})"})
+        else:
+            out.append({**r, "status": NOT_MEASURED, "why": "cut off by its section's time budget while in flight"})
+    return out
 
 
 def _fmt(v, spec: str, missing: str = "–") -> str:
@@ -93,8 +110,8 @@ def verdict(stages: list[dict], suites: list[dict], bench: list[dict]) -> list[s
     for t in suites:
         if t.get("error") or t.get("failures") or t.get("errors"):
             bad.append(f"tests {t['name']}: {t.get('failures', 0)} failed, {t.get('errors', 0)} errors")
-    for r in bench:  # a fused kernel that errors or hangs does not work; a slow or missing baseline is reported
-        if r.get("status") in ("error", "killed") and r.get("provider") in OURS:
+    for r in bench:  # a fused kernel that errors or crashes does not work; one out of time was not measured
+        if r.get("status") == "error" and r.get("provider") in OURS:
             bad.append(f"bench {r['op']} {r['provider']} {r['x']}: {r['status']}: {r.get('why')}")
     return bad
 
@@ -113,6 +130,11 @@ def main(argv=None) -> int:
     print(f"{'stage':12s} {'status':10s} {'seconds':>8s}  detail")
     for s in stages:
         print(f"{s['stage']:12s} {s['status']:10s} {s.get('seconds', 0):8.1f}  {s.get('detail', '')}")
+    pred = out / "prediction.json"
+    if pred.exists():  # the dry run's prediction for the GPU machine (benchmarks/gpu_sizes.py)
+        p = json.loads(pred.read_text())
+        per = ", ".join(f"{k} {v['seconds']:.0f}" for k, v in p["stages"].items())
+        print(f"predicted on the GPU machine (s): {per}; total {p['total_s']:.0f} (at most {p['max_s']})")
     for t in suites:
         if t.get("error"):
             print(f"tests {t['name']}: {t['error']}")

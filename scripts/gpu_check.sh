@@ -5,14 +5,17 @@
 #   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   # on CPU (CI): tiny sizes, Triton interpreted, CUDA steps skipped
 #
 # Needs a Python ($PYTHON, else python3 on PATH) that already has torch >= 2.6, triton, cmake, ninja, pybind11,
-# pytest and hypothesis; installs nothing and never touches the network. Stages, each under the time limit of
+# pytest and hypothesis; installs nothing and never touches the network. Stages, each killed at its limit in
 # benchmarks/gpu_sizes.py (8 minutes in all on an H100/H200-class GPU), each logged to OUT_DIR/<stage>.log:
 #   env    GPU, driver, torch, triton, nvcc versions; what is missing        (scripts/gpu_env.py)
 #   build  clipcid_fast._C against this torch, in place, for this GPU's arch (scripts/gpu_build.sh)
-#   tests  pytest -m "not slow": first every CUDA-target / gpu / triton test, then the rest (junit XML)
+#   tests  pytest -m "(gpu or cuda_target or triton) and not slow", one case per test and kernel variant, in one
+#          pytest process per core (benchmarks/gpu_tests.py; junit XML per shard). No CPU test stage: CI runs it
 #   bench  the kernel benchmarks at GPU sizes -> OUT_DIR/results.csv and plots  (benchmarks/gpu_bench.py)
 #   then one summary table; the exit status is non-zero if a stage, a test or a fused kernel failed
-#   (benchmarks/gpu_summary.py). How to run it and how to bring missing packages: benchmarks/README.md.
+#   (benchmarks/gpu_summary.py). The dry run also counts the test stage's Triton compiles and prints each
+#   stage's predicted wall time on a 16-core H100 machine, failing over 7 minutes (benchmarks/gpu_sizes.py).
+#   How to run it and how to bring missing packages: benchmarks/README.md.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +25,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an OUT_DIR)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -31,7 +34,8 @@ PLAN=gpu
 [ "$DRY" = 1 ] && PLAN=dry-run
 OUT=${OUT:-$REPO/gpu_check_out/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-rm -f "$OUT"/stages.jsonl "$OUT"/junit_*.xml "$OUT"/bench_status.jsonl "$OUT"/results.csv "$OUT"/mm.json
+rm -f "$OUT"/stages.jsonl "$OUT"/junit_*.xml "$OUT"/bench_status.jsonl "$OUT"/results.csv "$OUT"/mm.json \
+  "$OUT"/compiles.*.json "$OUT"/tests_gpu.*.log "$OUT"/prediction.json
 START=$(date +%s)
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -90,32 +94,33 @@ else
   stage build "$(limit build)" "sm $ARCH, $(nproc) jobs, build/gpu_check" bash scripts/gpu_build.sh "$REPO/build/gpu_check" "$ARCH"
 fi
 
-# 3. tests: the CUDA targets first (the point of the slot), then the rest of the suite
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider python_tests)
+# 3. tests: the budgeted gpu / cuda_target / triton cases, one pytest process per core (the dry run: the same
+# cases on CPU tensors, counting each one's Triton compiles for the prediction)
+TESTS=(-q -rs -p no:cacheprovider python_tests -m "(gpu or cuda_target or triton) and not slow")
 if [ "$ENV_OK" = 0 ]; then
   skip tests_gpu "environment"
-  skip tests_cpu "environment"
 elif [ "$DRY" = 1 ]; then
-  FILTER=$("$PY" -c "from benchmarks.gpu_sizes import DRY_RUN_TEST_FILTER as f; print(f)")
-  stage tests_gpu "$(limit tests_gpu)" "CUDA-target cases on CPU (dry run)" \
-    "${PYTEST[@]}" -m "not slow" -k "$FILTER" --junitxml="$OUT/junit_gpu.xml"
-  skip tests_cpu "dry run: make test has just run the CPU suite"
+  stage tests_gpu "$(limit tests_gpu)" "budgeted cases on CPU, compiles counted (dry run)" \
+    "$PY" benchmarks/gpu_tests.py --out "$OUT" --count-compiles -- "${TESTS[@]}"
 else
-  stage tests_gpu "$(limit tests_gpu)" "gpu, cuda_target and triton tests on CUDA" \
-    "${PYTEST[@]}" -m "(gpu or cuda_target or triton) and not slow" --junitxml="$OUT/junit_gpu.xml"
-  stage tests_cpu "$(limit tests_cpu)" "the rest of pytest -m 'not slow'" \
-    "${PYTEST[@]}" -m "not slow and not gpu and not cuda_target and not triton" --junitxml="$OUT/junit_cpu.xml"
+  stage tests_gpu "$(limit tests_gpu)" "budgeted cases on CUDA, $(nproc) cores" \
+    "$PY" benchmarks/gpu_tests.py --out "$OUT" -- "${TESTS[@]}"
 fi
 
-# 4. kernel benchmarks (each section stops itself at its share of the limit; 60 s for teardown and plots)
+# 4. kernel benchmarks (each section stops itself at its share of the limit, which also covers grace and plots)
 if [ "$ENV_OK" = 0 ]; then
   skip bench "environment"
 else
-  stage bench "$(($(limit bench) + 60))" "plan $PLAN, rows in results.csv" \
+  stage bench "$(limit bench)" "plan $PLAN, rows in results.csv" \
     "$PY" benchmarks/gpu_bench.py --plan "$PLAN" --out "$OUT"
 fi
 
-# 5. the summary table and the verdict
+# 5. the dry run: each stage's predicted wall time on the GPU machine, from what it counted and measured
+if [ "$DRY" = 1 ] && [ "$ENV_OK" = 1 ]; then
+  stage predict 60 "predicted GPU wall time <= 7 minutes" "$PY" benchmarks/gpu_sizes.py "$OUT"
+fi
+
+# 6. the summary table and the verdict
 "$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: $(($(date +%s) - START)) s in all (plan $PLAN, limit $("$PY" -c 'from benchmarks.gpu_sizes import TOTAL_S; print(TOTAL_S)') s on a GPU); outputs in $OUT"
