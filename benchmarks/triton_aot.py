@@ -275,10 +275,12 @@ def _k2_cases(quick: bool) -> list[Case]:
 
 
 def _k3_dtype(*tensors) -> torch.dtype:
-    """The dtype the public K3 functions hand the kernel (they widen some input dtypes first)."""
+    """The dtype the public K3 functions hand the Triton kernel (they widen some input dtypes first): the rule of
+    ``masked_max_sim._backend_for`` for the Triton backend (which refuses meta tensors, so it is read here)."""
     from clipcid_fast.ops import masked_max_sim as mms
 
-    return mms._backend_for("auto", *tensors)[1]
+    dtypes = {t.dtype for t in tensors}
+    return next(iter(dtypes)) if len(dtypes) == 1 and next(iter(dtypes)) in mms._TRITON_DTYPES else torch.float32
 
 
 def _k3_cases(quick: bool) -> list[Case]:
