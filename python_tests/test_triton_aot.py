@@ -290,24 +290,26 @@ def test_every_configuration_compiles(full_report):
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
 
 
-# What is left, stated exactly so that anything else fails: fp32 (IEEE, CUDA-core) configurations of the
-# relational backward and of two logit-only kernels still spill a few bytes (their operand tiles carry a 64-bit
-# pointer per element). Every 16-bit configuration is spill-free and on tensor cores, every grid reaches 264
-# programs, every relational op stays within 2.5x its necessary FLOPs. Lower FP32_SPILL_ALLOWANCE to 0 once
+# What is left, stated exactly so that anything else fails: the fp32 (IEEE, CUDA-core) relational backward on
+# sm_90 at D = 768 (six 128-column accumulator slices) spills 28 B (its operand tiles carry a 64-bit pointer per
+# element). Every 16-bit configuration is spill-free and on tensor cores, every grid reaches 264 programs, every
+# relational op stays within 2.5x its necessary FLOPs. Remove the allowance once
 # `python benchmarks/triton_aot.py --check` passes.
-FP32_SPILL_ALLOWANCE = 32  # bytes of spill stores or loads an fp32 configuration may still have
+FP32_SPILL_ALLOWANCE = 32  # bytes of spill stores or loads that configuration may still have
 
 
 def _tolerated(row, line):
     return (
         "spills" in line
+        and row["kernel"] == "_rel_bwd_kernel"
+        and row["arch"] == "sm_90"
         and row["dtype"] == "fp32"
         and max(row["spill_stores"], row["spill_loads"]) <= FP32_SPILL_ALLOWANCE
     )
 
 
 @pytest.mark.slow
-def test_no_violations_beyond_small_fp32_spills(full_report):
+def test_no_violations_beyond_one_small_fp32_spill(full_report):
     rows, _ = full_report
     left = []
     for row in rows:

@@ -51,6 +51,13 @@ def stages(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.float32 else 3
 
 
+def fwd_maxnreg(dtype: torch.dtype) -> int | None:
+    """Register bound of an fp32 logit-only program: left alone, ptxas caps some at 80 registers a thread (for
+    occupancy) and spills 4-8 B; 128 keeps 2 blocks of 8 warps per SM and spills nothing. None (ptxas's own
+    choice) for 16-bit operands, which use up to ~180."""
+    return 128 if dtype == torch.float32 else None
+
+
 def grad_plan(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_DO, N_ACC, chunks, rows) of a program that holds gradient rows: accumulator slices of 128 columns
     (wider ones spill), up to ``N_ACC`` of them, so whole rows up to D = 1024 and each logit tile made once;

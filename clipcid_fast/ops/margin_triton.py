@@ -27,6 +27,7 @@ from ._triton_tiles import (
     acc_init,
     block,
     dot_rows,
+    fwd_maxnreg,
     grad_dots,
     grad_plan,
     k_slice,
@@ -246,7 +247,7 @@ def triton_lse(x, w, labels, ix, iw, tgt, scale):
         launch(
             _ms_fwd_kernel, (nb, splits), x, w, ix, iw, labels, tgt, part, B, N, D, x.stride(0), w.stride(0),
             scale, n_per, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=k_slice(x.dtype, D),
-            num_warps=FWD_WARPS, num_stages=stages(x.dtype), **_path(x, w),
+            num_warps=FWD_WARPS, num_stages=stages(x.dtype), maxnreg=fwd_maxnreg(x.dtype), **_path(x, w),
         )  # fmt: skip
     return part[0] if splits == 1 else torch.logsumexp(part, 0)
 

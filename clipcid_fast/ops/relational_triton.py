@@ -25,6 +25,7 @@ from ._triton_tiles import (
     acc_init,
     block,
     dot_rows,
+    fwd_maxnreg,
     grad_dots,
     grad_plan,
     k_slice,
@@ -290,11 +291,18 @@ def triton_fwd(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, off, rows, cols, hard
                 _rel_fwd_kernel, grid, q_s, k_s, q_t, k_t, beta, alpha, out_r, out_c, R, C, D, DT, off,
                 q_s.stride(0), k_s.stride(0), q_t.stride(0), k_t.stride(0), nb_r,
                 SOFT=soft, KL=kind == "kl", HARD=hard and soft, BLOCK_R=br, BLOCK_C=block(n, ROWS_MAX),
-                num_warps=FWD_WARPS, num_stages=stages(q_s.dtype), **meta,
+                num_warps=FWD_WARPS, num_stages=stages(q_s.dtype), maxnreg=fwd_maxnreg(q_s.dtype), **meta,
             )  # fmt: skip
     # custom ops may not return aliases of one another: the O(B) losses are copied out of the packed buffer
     res = (out_r[2].clone(), out_c[2].clone(), out_r[0:2], out_c[0:2])
     return (*res, out_r[3].clone(), out_c[3].clone()) if hard else res
+
+
+def _bwd_warps(q_s) -> int:
+    """Warps of a backward program: 16 for fp32 operands on an A100 (at 8 its CUDA-core dot operands spill 4-12 B;
+    on an H100 16 warps spill more than 8), else GRAD_WARPS."""
+    cap = target(q_s).capability
+    return 16 if q_s.dtype == torch.float32 and cap is not None and cap[0] < 9 else GRAD_WARPS
 
 
 def triton_bwd(g_r, g_c, q_s, k_s, scale_s, q_t, k_t, scale_t, s_r, s_c, off, rows, cols, hard=None):
@@ -329,7 +337,7 @@ def triton_bwd(g_r, g_c, q_s, k_s, scale_s, q_t, k_t, scale_t, s_r, s_c, off, ro
                 R, C, D, DT, off, q_s.stride(0), k_s.stride(0), q_t.stride(0), k_t.stride(0), nb_r,
                 SOFT=soft, HARD=hard is not None and soft, HAS_R=bool(rows), HAS_C=bool(cols),
                 BLOCK_R=br, BLOCK_C=block(n, GRAD_COLS), BLOCK_DO=do, N_ACC=n_acc,
-                num_warps=GRAD_WARPS, num_stages=stages(q_s.dtype), **meta,
+                num_warps=_bwd_warps(q_s), num_stages=stages(q_s.dtype), **meta,
             )  # fmt: skip
     dscale = dscale.sum().reshape(scale_s.shape).to(scale_s.dtype)
     return dq, dk, dscale
