@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..distributed import Comm
+from .comm import Comm
 
 LOGIT_SCALE_MAX = math.log(100.0)
 

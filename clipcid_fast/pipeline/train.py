@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import Comm, local_rank, run_stage
 from . import checkpoint, data, models
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
+from .comm import Comm, local_rank, run_stage
 from .config import RECIPES, TrainConfig, to_dict, write_config
 from .recipes import Recipe
 from .step import LOGIT_SCALE_MAX, TrainStep

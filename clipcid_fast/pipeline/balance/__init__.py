@@ -7,7 +7,7 @@ embeddings that may be larger than RAM, in one process or under ``torchrun``.
 Modules: ``sources`` (embedding files, ids, normalisation), ``functions`` (the fused op or the reference),
 ``kmeans`` (sampling, k-means, assignment), ``rules`` (the semdedup pass, union-find), ``outputs``
 (manifest, resume, merge, plot), ``stages`` (``run_balance``), ``pseudo_classes`` (``run_cluster``),
-``clipcid_fast.distributed.Comm`` (the gloo group under ``torchrun``); files are written through
+``pipeline.comm.Comm`` (the gloo group under ``torchrun``); files are written through
 ``clipcid_fast.pipeline._io``.
 
 Input
