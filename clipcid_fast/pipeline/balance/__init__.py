@@ -86,7 +86,8 @@ rows) into N pseudo-classes. Output directory, in the format the cluster-discrim
 
 from .functions import resolve_fns
 from .kmeans import spherical_kmeans
-from .pseudo_classes import run_cluster
+from .outputs import keep_mask_path, load_keep_mask
+from .pseudo_classes import load_pseudo_classes, pseudo_class_paths, run_cluster
 from .rules import TIE_D2, group_representatives, unionfind_groups
 from .sources import EmbeddingSource, normalize_rows
 from .stages import KEEP_OPTIONS, METHODS, SMALL_CLUSTER_FLOPS, intra_op_threads, run_balance
@@ -99,7 +100,11 @@ __all__ = [
     "EmbeddingSource",
     "group_representatives",
     "intra_op_threads",
+    "keep_mask_path",
+    "load_keep_mask",
+    "load_pseudo_classes",
     "normalize_rows",
+    "pseudo_class_paths",
     "resolve_fns",
     "run_balance",
     "run_cluster",
