@@ -84,6 +84,7 @@ rows) into N pseudo-classes. Output directory, in the format the cluster-discrim
 * ``cluster.json``: N, D, counts, class size statistics, parameters.
 """
 
+from .command import balance_command, cluster_command
 from .functions import resolve_fns
 from .kmeans import spherical_kmeans
 from .outputs import keep_mask_path, load_keep_mask
@@ -98,6 +99,8 @@ __all__ = [
     "SMALL_CLUSTER_FLOPS",
     "TIE_D2",
     "EmbeddingSource",
+    "balance_command",
+    "cluster_command",
     "group_representatives",
     "intra_op_threads",
     "keep_mask_path",
