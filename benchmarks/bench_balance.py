@@ -1,5 +1,5 @@
-"""K3 benchmark: the whole streaming semantic-balance pipeline (``clipcid_fast.pipeline.balance.run_balance``) on a
-synthetic clustered dataset, per stage, against the bar of issue 6.
+"""Semantic-balance benchmark (``masked_max_similarity`` / ``nearest_centroid``): the whole streaming pipeline
+(``clipcid_fast.pipeline.balance.run_balance``) on a synthetic clustered dataset, per stage, against its bar.
 
     cd /work/main && .venv/bin/python benchmarks/bench_balance.py --quick --csv /tmp/bench_balance.csv  # 100k rows
     .venv/bin/python benchmarks/bench_balance.py --rows 1000000 --k 1024 --csv /tmp/bench_balance_1m.csv

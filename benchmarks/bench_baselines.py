@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, parents=[common_args()], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--full", action="store_true", help="the sizes of shared/toolchain.md (slow, needs ~20 GB)")
+    p.add_argument("--full", action="store_true", help="the full sizes (slow, needs ~20 GB)")
     p.add_argument("--ops", nargs="+", choices=sorted(OPS), default=list(OPS), help="default: all")
     p.add_argument("--modes", nargs="+", choices=workloads.MODES, default=list(workloads.MODES))
     p.add_argument("--dtype", default="float32")

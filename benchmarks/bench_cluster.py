@@ -1,4 +1,5 @@
-"""K1 benchmark: the fused cluster-discrimination margin softmax against eager PyTorch, into the results CSV.
+"""``cluster_discrimination_loss`` benchmark: the fused cluster-discrimination margin softmax against eager
+PyTorch, into the results CSV.
 
     cd /work/main && .venv/bin/python benchmarks/bench_cluster.py               # N = 10k, 30k (a few minutes)
     .venv/bin/python benchmarks/bench_cluster.py --full                         # N = 10k, 100k, 1M (long; ~20 GB)
@@ -19,15 +20,15 @@ centres. Op ``cluster_discrimination``, x = N, modes fwd / bwd / full. Providers
 * ``partialfc`` — insightface/unicom PartialFC-style eager at sample rate 1: ``F.linear`` of the normalised
   features, the margin written into the target entries, ``F.cross_entropy``;
 * ``chunked`` — an exact row-chunked PyTorch version (64-row chunks, hand-written backward through the
-  margin and the normalisations; normalised copy of W and an fp32 dW accumulator), the baseline of
-  issue 4 the fused kernel must beat.
+  margin and the normalisations; normalised copy of W and an fp32 dW accumulator), the baseline
+  the fused kernel must beat.
 
 GFLOP/s use the model count of ``workloads.flops`` (6·B·N·D for full), for every provider; the fused
 single pass does exactly that (the two-pass path, used for ``reduction="none"``, does 8·B·N·D). The
 printed line and the note column give each row's share of the fp32 ``torch.mm`` GFLOP/s measured at the
 same run, right before and right after each row's timing (``bench_mm_ceiling.bracket_mm``; the larger
-of the two, since this VM's GEMM rate drifts by ±20 % over minutes; the bar of issue 4 is ≥ 75 % at N = 1M),
-and the size of the returned gradients (which the peak-memory figure includes: the bar of issue 4 is on
+of the two, since this VM's GEMM rate drifts by ±20 % over minutes; the bar is ≥ 75 % at N = 1M),
+and the size of the returned gradients (which the peak-memory figure includes: the bar is on
 the memory beyond them).
 
     .venv/bin/python benchmarks/bench_cluster.py --sizes 1000000 --providers fused --modes full   # the 1M bar

@@ -1,4 +1,5 @@
-"""K1 through the module, as a trainer calls it: ``ClusterDiscriminationLoss`` forward + backward, into the CSV.
+"""``cluster_discrimination_loss`` through the module, as a trainer calls it: ``ClusterDiscriminationLoss``
+forward + backward, into the CSV.
 
     cd /work/main && .venv/bin/python benchmarks/bench_cluster_module.py            # N = 10k, 100k, 1M (~10 min)
     .venv/bin/python benchmarks/bench_cluster_module.py --sizes 1000000 --dtypes bfloat16   # one size, one dtype
@@ -10,7 +11,7 @@ labels uniform in [0, N); one training step = ``module(emb, labels).backward()``
 Op ``cluster_module_fp32`` / ``cluster_module_bf16`` (the centres' dtype), x = N. Providers:
 
 * ``module`` — ``ClusterDiscriminationLoss(...)`` with its default (``check_values=False``: the hot path);
-* ``module-checked`` — the same with ``check_values=True``, the debug flag (before issue 12 it was the default:
+* ``module-checked`` — the same with ``check_values=True``, the debug flag (formerly the default:
   it reads the labels and every centre each step, with N × D temporaries);
 * ``op`` — the bare functional ``cluster_discrimination_loss(..., reduction="mean", check_values=False)`` on the
   same tensors, for comparison.
@@ -20,7 +21,7 @@ measured before a change) stay beside the current ones in the CSV and the plot.
 
 Peak memory is ``_harness.peak_memory``'s (a fresh spawned process, VmHWM − VmRSS around one step after a small
 warm-up step); it includes the returned gradients (B·D fp32 + N·D in the centres' dtype), so the printed line
-and the note also give the memory **beyond** them, the figure of issue 12 (≤ 512 MB at N = 1M). Times are one
+and the note also give the memory **beyond** them, the figure of its bar (≤ 512 MB at N = 1M). Times are one
 step in this process after the same warm-up (``--repeats`` steps below N = 500k, one at and above it: a 1M
 step is 30-60 s on the 2-core CPU). Never two 1M processes at once: the timing process frees its tensors
 before the memory child starts.

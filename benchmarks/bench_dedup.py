@@ -1,4 +1,5 @@
-"""K3 benchmark: the per-cluster SemDeDup op (masked max cosine over earlier rows) against dense eager forms.
+"""``masked_max_similarity`` benchmark: the per-cluster SemDeDup op (masked max cosine over earlier rows) against
+dense eager forms.
 
     cd /work/main && .venv/bin/python benchmarks/bench_dedup.py --csv /tmp/k3_dedup.csv     # c = 2048, 8192
     .venv/bin/python benchmarks/bench_dedup.py --full                                       # c = 2k … 32k (long)
@@ -10,7 +11,7 @@ provider returns the column max over earlier rows (and its argmax where the form
 
 * ``fused`` — ``clipcid_fast.ops.masked_max_sim.masked_max_similarity`` (``impl="auto"``: the C++ kernel on
   CPU; ``check_values=False`` as in the pipeline): lower-triangle tiles, never c×c;
-* ``dense_fair`` — the fair dense eager form of ``shared/toolchain.md``: ``S = X̂X̂ᵀ``, in-place ``triu_(1)``,
+* ``dense_fair`` — the fair dense eager form: ``S = X̂X̂ᵀ``, in-place ``triu_(1)``,
   ``amax(dim=0)`` (one c×c matrix, no indices; SemDeDup's zero fill);
 * ``semdedup`` — SemDeDup-style dense: ``S = X̂X̂ᵀ``, ``torch.triu`` copy, ``max(dim=0)`` with indices;
 * ``reference`` — ``clipcid_fast.reference.masked_max_similarity`` (c×c, a mask, ``masked_fill``, max).

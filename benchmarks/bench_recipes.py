@@ -7,7 +7,7 @@ Not a timed benchmark: it measures what each recipe buys, zero-shot top-1, linea
 image→text retrieval R@1 on the held-out Fashion-MNIST test split, as mean ± std over ``--seeds`` (the
 training seed: student init and data order; the data, the teacher and the pseudo-classes stay fixed).
 
-Regimes (``--regimes``, ``shared/calibration.md``):
+Regimes (``--regimes``):
 
 * ``noisy`` (the offline default): the student's corpus is ``--student-samples`` train images (10k) with
   ``--caption-noise`` (40 %) of their captions naming another class; the teacher learned from the clean 60k.
@@ -49,8 +49,9 @@ import torch
 
 from benchmarks._harness import device_name, git_sha
 from clipcid_fast.pipeline import demo
-from clipcid_fast.pipeline.config import RECIPES, DataConfig, DemoConfig
+from clipcid_fast.pipeline.config import DataConfig, DemoConfig
 from clipcid_fast.pipeline.demo_report import METRICS, headline, mean_std, plot_accuracy
+from clipcid_fast.recipes import RECIPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

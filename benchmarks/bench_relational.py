@@ -1,4 +1,5 @@
-"""K2 benchmark: open_clip ``DistillClipLoss`` (contrastive + distill, fwd / full) by four providers, into the CSV.
+"""``relational_kd_rows`` benchmark: open_clip ``DistillClipLoss`` (contrastive + distill, fwd / full) by four
+providers, into the CSV.
 
     cd /work/main && .venv/bin/python benchmarks/bench_relational.py            # B = 1024, 2048, 4096 (~5 min)
     .venv/bin/python benchmarks/bench_relational.py --full                      # adds 8192, 16384 and 65536 (fused)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_train_step.py --quick --csv /tmp/ts.csv    # smoke: 2-2.5 min on 2 cores
     .venv/bin/python benchmarks/bench_train_step.py --table-only                 # table + goals of the CSV, plot
 
-Providers (issue 12, part 5), each timing one optimiser step on the same global batch (same images, same
+Providers, each timing one optimiser step on the same global batch (same images, same
 tokens, same initial student weights, same AdamW hyper-parameters, gradient clipping and schedule):
 
 * ``fused`` (a): ``clipcid_fast.pipeline.train.prepare(cfg).step(batch)`` with ``impl="auto"`` (the fused
@@ -63,7 +63,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -86,14 +85,14 @@ from benchmarks._harness import (
     time_fn,
     timed_row,
 )
+from benchmarks.memory_fit import LIMIT_MB, choose_fit, fit_memory, fit_txt, predict_mb, solve_batch
+from benchmarks.train_step_plot import PROVIDER_LETTER, PROVIDERS, RECIPES, make_plot
+from benchmarks.train_step_plot import number as _f
+from benchmarks.train_step_plot import parse_note as _parse_note
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 FACTORY = "benchmarks.bench_train_step:step_factory"
-PROVIDERS = ("fused", "reference", "open_clip_train")
-PROVIDER_LETTER = {"fused": "a", "reference": "b", "open_clip_train": "c"}
-RECIPES = ("distill", "baseline", "kd", "rd", "cid")
-LIMIT_MB = 24e9 / MB  # "fits in 24 GB": 24e9 bytes
 SEED = 0
 # one set of optimiser hyper-parameters for both loops (the trainer's defaults)
 HP = {"lr": 2e-3, "wd": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "grad_clip": 1.0, "warmup": 10, "steps": 1000}
@@ -150,9 +149,7 @@ def _default_teacher_cached(mc, dc) -> bool:
     """Whether the default teacher's trained image tower is in its cache (else it would train for minutes)."""
     from clipcid_fast.pipeline import models
 
-    cfg = models.default_teacher_cfg(mc.context_length)
-    key = hashlib.sha256(json.dumps(models.teacher_recipe(cfg, mc, dc), sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.isfile(os.path.join(os.path.expanduser(mc.cache_dir), f"default-teacher-{key}.pt"))
+    return os.path.isfile(models.default_teacher_cache(models.default_teacher_cfg(mc.context_length), mc, dc)[0])
 
 
 def _save_json(path: str, obj) -> None:
@@ -227,12 +224,13 @@ def build_assets(pair: str, work_dir: str | os.PathLike, *, progress: bool = Fal
 
 def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int = 1):
     from clipcid_fast.pipeline.config import DataConfig, ModelConfig, TrainConfig
+    from clipcid_fast.recipes import RECIPES as TABLE
 
     return TrainConfig(
         out_dir=os.path.join(assets.root, "unused-out"),
         recipe=recipe,
-        teacher_cache=assets.cache if recipe != "baseline" else None,
-        cluster_dir=assets.cluster if recipe == "cid" else None,
+        teacher_cache=assets.cache if TABLE[recipe].teacher else None,
+        cluster_dir=assets.cluster if TABLE[recipe].labels else None,
         steps=HP["steps"],
         batch_size=batch,
         accum_freq=accum,
@@ -293,7 +291,6 @@ class TrainerStep:
         t_img = b["dist_image"].to(dev) if "dist_image" in b else None
         t_txt = b["dist_text"].to(dev) if "dist_text" in b else None
         labels = b["cluster_label"].to(dev) if "cluster_label" in b else None
-        t_scale = p.step.t_scale
         leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True)]
 
         class LossOnly:
@@ -302,7 +299,7 @@ class TrainerStep:
                     x.grad = None
 
             def __call__(self):
-                terms = p.recipe(leaves[0], leaves[1], p.model.logit_scale.exp(), t_img, t_txt, t_scale, labels)
+                terms = p.step.loss_terms(leaves[0], leaves[1], p.model.logit_scale.exp(), t_img, t_txt, labels)
                 sum(terms.values()).backward()
 
         return LossOnly()
@@ -499,88 +496,7 @@ def measure_memory(provider: str, assets: Assets, recipe: str, batch: int, *, ac
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the largest batch: total memory = c0 + c1·B + c2·B², solved for LIMIT_MB
-
-
-def fit_memory(batches, totals_mb) -> tuple[float, float, float]:
-    """Least squares c0 + c1·B + c2·B² (c2 and c1 kept ≥ 0: memory does not shrink with B)."""
-    x = np.asarray(batches, dtype=np.float64)
-    y = np.asarray(totals_mb, dtype=np.float64)
-    ok = np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) >= 3:
-        c = np.linalg.lstsq(np.stack([np.ones_like(x), x, x * x], 1), y, rcond=None)[0]
-        if c[2] >= 0 and c[1] >= 0:
-            return float(c[0]), float(c[1]), float(c[2])
-    if len(x) >= 2:
-        c = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
-        if c[1] >= 0:
-            return float(c[0]), float(c[1]), 0.0
-    return float(np.max(y)) if len(y) else float("nan"), 0.0, 0.0
-
-
-def predict_mb(c: tuple[float, float, float], batch: float) -> float:
-    return c[0] + c[1] * batch + c[2] * batch * batch
-
-
-def solve_batch(c: tuple[float, float, float], limit_mb: float = LIMIT_MB) -> float:
-    """The largest B with predict_mb(c, B) ≤ limit_mb (real, not rounded)."""
-    c0, c1, c2 = c
-    if c2 > 0:
-        return (-c1 + math.sqrt(c1 * c1 + 4 * c2 * (limit_mb - c0))) / (2 * c2)
-    return (limit_mb - c0) / c1 if c1 > 0 else math.inf
-
-
-def _lstsq(x, y, degree: int) -> tuple[float, float, float] | None:
-    """c0 + c1·B (+ c2·B²) by least squares, or None when a coefficient comes out negative."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    cols = [np.ones_like(x), x] + ([x * x] if degree == 2 else [])
-    c = np.linalg.lstsq(np.stack(cols, 1), y, rcond=None)[0]
-    if c[1] < 0 or (degree == 2 and c[2] < 0):
-        return None
-    return float(c[0]), float(c[1]), float(c[2]) if degree == 2 else 0.0
-
-
-def fit_candidates(batches, totals_mb) -> list[dict]:
-    """Every model of the series' tails: linear on its largest k ≥ 2 points, quadratic on its largest k ≥ 3.
-
-    Why tails: in the first step of a fresh process AdamW creates its state, so at small B the peak is the
-    optimiser's (the same for every B) and the batch-dependent peak only shows past a knee."""
-    pts = sorted((b, y) for b, y in zip(batches, totals_mb) if math.isfinite(y))
-    out = []
-    for start in range(len(pts) - 1):
-        x, y = [b for b, _ in pts[start:]], [v for _, v in pts[start:]]
-        for degree in (1, 2):
-            if len(x) < degree + 1:
-                continue
-            c = _lstsq(x, y, degree)
-            if c is not None:
-                out.append({"model": ("linear", "quadratic")[degree - 1], "points": x, "c": c})
-    return out
-
-
-def choose_fit(batches, totals_mb, verified: tuple[int, float] | None = None) -> dict:
-    """The memory model of the largest batch: ``{"model", "points", "c", "series_c", "series_points", "error_pct"}``.
-
-    Without a verified point: the quadratic on every point (c1, c2 ≥ 0), else the line (``fit_memory``). With one:
-    of every tail model of the series (``fit_candidates``), the one that predicted the verified point best (ties:
-    more points), refitted with that point included; ``error_pct`` is that model's error at the point."""
-    if verified is None or not math.isfinite(verified[1]):
-        c = fit_memory(batches, totals_mb)
-        return {"model": "quadratic" if c[2] > 0 else "linear", "points": sorted(batches), "c": c,
-                "series_c": c, "series_points": sorted(batches), "error_pct": None}  # fmt: skip
-    b_v, y_v = verified
-    cands = fit_candidates(batches, totals_mb)
-    if not cands:
-        return choose_fit(batches, totals_mb)
-    best = min(cands, key=lambda k: (round(abs(predict_mb(k["c"], b_v) - y_v) / y_v, 3), -len(k["points"])))
-    pts = [*best["points"], b_v]
-    ys = [y for b, y in sorted(zip(batches, totals_mb)) if b in best["points"]] + [y_v]
-    degree = 2 if best["model"] == "quadratic" else 1
-    c = _lstsq(pts, ys, degree) or _lstsq(pts, ys, 1) or best["c"]
-    err = 100 * (y_v - predict_mb(best["c"], b_v)) / predict_mb(best["c"], b_v)
-    return {"model": best["model"] if c[2] > 0 or degree == 1 else "linear", "points": pts, "c": c,
-            "series_c": best["c"], "series_points": best["points"], "error_pct": err}  # fmt: skip
+# the largest batch: the memory model is benchmarks/memory_fit.py's
 
 
 def mem_available_mb() -> float:
@@ -751,7 +667,7 @@ def run_max_batch(pair: str, assets: Assets, plan: Plan, args, device, providers
                 f"(extra {mem['peak_mb']:.0f}), {mem.get('seconds', float('nan')):.1f} s"
             )
         c = fit_memory(batches, totals)  # the conservative model that picks the point to verify
-        log(f"{op} max batch {provider}: series fit {_fit_txt(c)} -> B = {solve_batch(c):,.0f} at 24 GB")
+        log(f"{op} max batch {provider}: series fit {fit_txt(c)} -> B = {solve_batch(c):,.0f} at 24 GB")
         # verify the largest affordable batch: memory under --verify-mb (and half of what is free), time under
         # --verify-seconds (the children's step times, extrapolated with the same quadratic model)
         avail = mem_available_mb()
@@ -763,7 +679,7 @@ def run_max_batch(pair: str, assets: Assets, plan: Plan, args, device, providers
             accum = max(1, b_v // micro) if micro else 1
             mem = measure_memory(provider, assets, "distill", b_v, accum=accum, device=device, threads=args.threads)
             verified = {"batch": b_v, "total_mb": mem["total_mb"], "accum": accum, "seconds": mem.get("seconds"),
-                        "mem": mem, "chosen_by": _fit_txt(c)}  # fmt: skip
+                        "mem": mem, "chosen_by": fit_txt(c)}  # fmt: skip
             log(f"{op} max batch {provider}: verified B={b_v}: {mem['total_mb']:.0f} MB measured, "
                 f"{predict_mb(c, b_v):.0f} predicted by the series' quadratic")  # fmt: skip
         else:
@@ -788,7 +704,7 @@ def max_batch_rows(op, provider, batches, totals, micro, verified: dict | None, 
                          peak_mb=verified["total_mb"], device=str(device),
                          note=_note(provider=letter, kind="verified", predicted_mb=pred,
                                     error_pct=fit["error_pct"], model=fit["model"],
-                                    series_fit=_fit_txt(fit["series_c"]),
+                                    series_fit=fit_txt(fit["series_c"]),
                                     series_points=",".join(map(str, fit["series_points"])), accum=verified["accum"],
                                     micro_batch=b_v // verified["accum"], seconds=verified.get("seconds"),
                                     chosen_by=verified.get("chosen_by"), **extra, load=load)))  # fmt: skip
@@ -797,8 +713,8 @@ def max_batch_rows(op, provider, batches, totals, micro, verified: dict | None, 
     as_int = lambda b: int(b) if math.isfinite(b) else "inf"  # noqa: E731
     rows.append(dict(op=op, provider=f"{provider}:distill", mode="max_batch", x_name="B_pred", x_value=as_int(b_pred),
                      peak_mb=LIMIT_MB, device=str(device),
-                     note=_note(provider=letter, kind="predicted", model=fit["model"], fit=_fit_txt(fit["c"]),
-                                fit_points=",".join(map(str, fit["points"])), series_fit=_fit_txt(fit["series_c"]),
+                     note=_note(provider=letter, kind="predicted", model=fit["model"], fit=fit_txt(fit["c"]),
+                                fit_points=",".join(map(str, fit["points"])), series_fit=fit_txt(fit["series_c"]),
                                 series_pred=as_int(b_series), limit="24e9 bytes", **micro_txt,
                                 load=load)))  # fmt: skip
     return rows
@@ -842,166 +758,8 @@ def _verify_point(batches, c, ts, budget_mb, budget_s, b_max, step) -> int | Non
     return cand if fits(cand) else None
 
 
-def _fit_txt(c) -> str:
-    return f"{c[0]:.4g} + {c[1]:.4g}*B + {c[2]:.4g}*B^2 MB"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the plot and the table
-
-
-def _parse_note(note: str) -> dict:
-    out = {}
-    for part in note.split("; "):
-        k, sep, v = part.partition("=")
-        if sep:
-            out[k.strip()] = v
-    return out
-
-
-def _f(x) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def make_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Per pair: distill samples/s against B for (a), (b), (c); every recipe's samples/s (and loss share) at one B;
-    the memory series, the fit and its 24 GB crossing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_rows(csv_path) if r["op"].startswith("train_step_")]
-    rows = latest_rows(rows, ("op", "provider", "mode", "x_name", "x_value"))
-    known = ["train_step_default", "train_step_vit"]
-    ops = sorted({r["op"] for r in rows}, key=lambda o: (known.index(o) if o in known else 9, o))
-    fig, axes = plt.subplots(len(ops), 3, figsize=(18, 4.8 * len(ops)), squeeze=False, constrained_layout=True,
-                             gridspec_kw={"width_ratios": [1, 1, 1.1]})  # fmt: skip
-    for i, op in enumerate(ops):
-        steps = [r for r in rows if r["op"] == op and r["mode"] == "step"]
-        _plot_distill(axes[i][0], op, steps)
-        _plot_recipes(axes[i][1], op, steps)
-        _plot_memory(axes[i][2], op, [r for r in rows if r["op"] == op and r["mode"] in ("memory", "max_batch")])
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-COLORS = {"fused": "tab:green", "reference": "tab:orange", "open_clip_train": "tab:red"}
-
-
-def _label(base: str) -> str:
-    return f"({PROVIDER_LETTER.get(base, '?')}) {base}"
-
-
-def _plot_distill(ax, op: str, steps: list[dict]) -> None:
-    for base in PROVIDERS:
-        rs = sorted([r for r in steps if r["provider"] == f"{base}:distill"], key=lambda r: _f(r["x_value"]))
-        if not rs:
-            continue
-        x = [_f(r["x_value"]) for r in rs]
-        y = [_f(_parse_note(r["note"]).get("samples_s")) for r in rs]
-        lo = [1000 * xi / _f(r["p80_ms"]) for xi, r in zip(x, rs)]
-        hi = [1000 * xi / _f(r["p20_ms"]) for xi, r in zip(x, rs)]
-        (line,) = ax.plot(x, y, "-o", color=COLORS[base], label=_label(base))
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-        for xi, yi in zip(x, y):
-            ax.annotate(f"{yi:,.1f}" if yi < 100 else f"{yi:,.0f}", (xi, yi), textcoords="offset points",
-                        xytext=(4, 5), fontsize=7, color=line.get_color())  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch B")
-    ax.set_ylabel("samples / s (from p50; band p20–p80)")
-    dev = sorted({r["device"] for r in steps}) or ["?"]
-    thr = sorted({r["threads"] for r in steps})
-    ax.set_title(f"{op.removeprefix('train_step_')}: distill step, samples/s — {', '.join(dev)}, "
-                 f"{'/'.join(thr)} thread(s)", fontsize=9)  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _plot_recipes(ax, op: str, steps: list[dict]) -> None:
-    others = [r for r in steps if not r["provider"].endswith(":distill")]
-    if not others:
-        ax.set_axis_off()
-        return
-    counts: dict = {}
-    for r in others:
-        counts[r["x_value"]] = counts.get(r["x_value"], 0) + 1
-    batch = max(counts, key=lambda b: (counts[b], _f(b)))
-    at = {r["provider"]: r for r in steps if r["x_value"] == batch}
-    recipes = [rc for rc in RECIPES if any(p.endswith(f":{rc}") for p in at)]
-    width = 0.8 / len(PROVIDERS)
-    for j, base in enumerate(PROVIDERS):
-        for k, recipe in enumerate(recipes):
-            r = at.get(f"{base}:{recipe}")
-            if r is None:
-                continue
-            n = _parse_note(r["note"])
-            y = _f(n.get("samples_s"))
-            xk = k + (j - 1) * width
-            ax.bar(xk, y, width, color=COLORS[base], label=_label(base) if k == recipes.index(
-                next(rc for rc in recipes if f"{base}:{rc}" in at)) else None)  # fmt: skip
-            value = f"{y:,.0f}" if y >= 10 else f"{y:.2f}"
-            ax.text(xk, y, f"{value}\n{100 * _f(n.get('loss_share')):.0f} %", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(recipes)))
-    ax.set_xticklabels(recipes)
-    ax.set_ylabel("samples / s (p50); above each bar: the loss's share of the step")
-    ax.set_title(f"{op.removeprefix('train_step_')}: every recipe at B = {batch}", fontsize=9)
-    ax.margins(y=0.15)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _plot_memory(ax, op: str, mems: list[dict]) -> None:
-    for prov in sorted({r["provider"] for r in mems}):
-        base = prov.split(":")[0]
-        col = COLORS.get(base, "k")
-        series = sorted([r for r in mems if r["provider"] == prov and r["mode"] == "memory"],
-                        key=lambda r: _f(r["x_value"]))  # fmt: skip
-        x = [_f(r["x_value"]) for r in series]
-        y = [_f(r["peak_mb"]) for r in series]
-        micro = _parse_note(series[0]["note"]).get("micro_batch") if series else None
-        how = f"accumulation, micro-batch {micro}" if base == "fused" else "accum_freq 1"
-        ax.plot(x, y, "o", color=col, label=f"{_label(base)}, {how} (measured)")
-        pred = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_pred"]
-        ver = [r for r in mems if r["provider"] == prov and r["x_name"] == "B_verified"]
-        for r in ver:
-            ax.plot([_f(r["x_value"])], [_f(r["peak_mb"])], "D", ms=8, mfc="none", color=col)
-            ax.annotate(f"verified B={r['x_value']}: {_f(r['peak_mb']):,.0f} MB", (_f(r["x_value"]), _f(r["peak_mb"])),
-                        textcoords="offset points", xytext=(6, -12), fontsize=7, color=col)  # fmt: skip
-        if not pred:
-            continue
-        fit = _parse_note(pred[-1]["note"]).get("fit", "")
-        try:
-            c = [float(t.split("*")[0]) for t in fit.replace(" MB", "").split(" + ")]
-        except ValueError:
-            c = []
-        b_pred = _f(pred[-1]["x_value"])
-        fit_points = [_f(v) for v in _parse_note(pred[-1]["note"]).get("fit_points", "").split(",") if v]
-        lo = min(fit_points) if fit_points else min(x, default=float("nan"))
-        if len(c) == 3 and math.isfinite(lo):  # the model over the points it was fitted on, up to 24 GB
-            xs = np.geomspace(lo, b_pred if math.isfinite(b_pred) else lo * 64, 200)
-            ax.plot(xs, c[0] + c[1] * xs + c[2] * xs * xs, "-", color=col, alpha=0.6)
-        if math.isfinite(b_pred):
-            ax.plot([b_pred], [LIMIT_MB], "*", ms=14, color=col)
-            ax.annotate(f"B ≈ {b_pred:,.0f}", (b_pred, LIMIT_MB), textcoords="offset points", xytext=(-40, 8),
-                        fontsize=8, color=col)  # fmt: skip
-    ax.axhline(LIMIT_MB, color="k", ls="--", lw=0.8)
-    ax.text(0.01, 0.97, "24 GB", transform=ax.transAxes, va="top", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch B")
-    ax.set_ylabel("total memory of one step (MB, peak RSS)")
-    ax.set_title(f"{op.removeprefix('train_step_')}: memory of one distill step, fit c0 + c1·B + c2·B², "
-                 "largest batch in 24 GB (★)", fontsize=9)  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
 
 
 def _row_order(r: dict) -> tuple:

@@ -20,6 +20,7 @@ The pipeline a user runs, one stage a command (each reads the previous stage's f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -76,178 +77,97 @@ def demo(batch: int = 256, dim: int = 64, seed: int = 0) -> dict[str, float]:
     return out
 
 
-def _stage_parser(sub, name: str, cfg_cls, help_text: str, description: str):
-    from .pipeline import config
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One command of the pipeline: its config class (``pipeline.config``), the function that runs it and writes
+    the resolved config beside its outputs (``"module:function"`` under ``clipcid_fast.pipeline``, imported when
+    the command runs), its help; ``build`` builds the config from the parsed flags when the default
+    (``config.config_from_args``) does not."""
 
-    p = sub.add_parser(name, help=help_text, description=description)
-    config.add_config_flags(p, cfg_cls)
-    p.set_defaults(cfg_cls=cfg_cls)
-    return p
-
-
-def _run_export(cfg) -> None:
-    from .pipeline import config, data
-
-    t0 = time.perf_counter()
-    formats = tuple(f.strip() for f in cfg.formats.split(",") if f.strip())
-    manifest = data.export_corpus(cfg.data, cfg.out_dir, formats=formats, shard_size=cfg.shard_size, limit=cfg.limit)
-    config.write_config(cfg, cfg.out_dir, "export_config.yaml")
-    wrong = manifest.get("num_wrong_captions")
-    print(f"exported {manifest.get('num_samples')} samples ({wrong} captions naming another class) to {cfg.out_dir}:")
-    for key in ("csv", "wds"):
-        if key in manifest:
-            print(f"  {key}: {manifest[key]}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    config: str
+    run: str
+    help: str
+    description: str
+    build: str | None = None
 
 
-def _run_embed(cfg) -> None:
-    from .pipeline import embed
+def _recipe_names() -> str:
+    from .recipes import RECIPES
 
-    embed.run_embed(cfg)
-
-
-def _run_train(cfg) -> None:
-    from .pipeline import train
-
-    train.run_train(cfg)
-
-
-def _run_eval(cfg) -> None:
-    from .pipeline import evaluate
-
-    evaluate.run_eval(cfg)
-
-
-def _run_balance(cfg) -> None:
-    from .pipeline import balance, config
-
-    t0 = time.perf_counter()
-    fns = {}
-    if cfg.ops == "reference":
-        fns = {"assign_fn": reference.nearest_centroid, "max_sim_fn": reference.masked_max_similarity}
-    elif cfg.ops != "auto":
-        raise ValueError(f"ops must be auto or reference, got {cfg.ops!r}")
-    summary = balance.run_balance(
-        cfg.embeddings,
-        cfg.out_dir,
-        ids=cfg.ids,
-        k=cfg.k,
-        niter=cfg.niter,
-        seed=cfg.seed,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        method=cfg.method,
-        eps=cfg.eps,
-        delta=cfg.delta,
-        keep=cfg.keep,
-        batch_clusters=cfg.batch_clusters,
-        chunk_rows=cfg.chunk_rows,
-        tile=cfg.tile,
-        invalid=cfg.invalid,
-        centroids=cfg.centroids,
-        progress=cfg.progress,
-        plot=cfg.plot,
-        **fns,
-    )
-    if summary:  # rank 0
-        config.write_config(cfg, cfg.out_dir, "balance_config.yaml")
-        print(f"\n{summary['method']} of {summary['n_rows']} rows (D={summary['dim']}, k={summary['k']}), "
-              f"{summary['n_invalid']} invalid")  # fmt: skip
-        for r in summary["thresholds"]:
-            kind = summary["threshold_kind"]
-            print(f"  {kind}={r[kind]:<8g} kept {r['kept']:>12d}   removed fraction {r['removed_fraction']:.4f}")
-        print(f"outputs in {cfg.out_dir} (summary.json, timings.json); done in {time.perf_counter() - t0:.1f} s")
-
-
-def _run_cluster(cfg) -> None:
-    from .pipeline import balance, config
-
-    if cfg.n_classes < 1:
-        raise ValueError(f"--n-classes must be >= 1, got {cfg.n_classes}")
-    meta = balance.run_cluster(
-        cfg.embeddings,
-        cfg.out_dir,
-        cfg.n_classes,
-        keep=cfg.keep,
-        topk=cfg.topk,
-        niter=cfg.niter,
-        seed=cfg.seed,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        chunk_rows=cfg.chunk_rows,
-        invalid=cfg.invalid,
-    )
-    config.write_config(cfg, cfg.out_dir, "cluster_config.yaml")
-    print(f"\n{meta['n_labelled']} rows into {meta['n_classes']} pseudo-classes; outputs in {cfg.out_dir}")
-
-
-def _run_demo(args) -> None:
-    from .pipeline import demo
-
-    demo.run_demo(demo.config_from_args(args))
+    return ", ".join(RECIPES)
 
 
 STAGES = {
-    "export-data": _run_export,
-    "embed": _run_embed,
-    "balance": _run_balance,
-    "cluster": _run_cluster,
-    "train": _run_train,
-    "eval": _run_eval,
-}
-
-
-STAGE_HELP = {
-    "export-data": (
+    "export-data": Stage(
+        "ExportConfig", "data:export_command",
         "write a corpus as PNG + CSV and webdataset shards",
         "Writes the Fashion-MNIST teacher / student / test corpus as PNG files + an open_clip CSV and as "
         "webdataset tar shards, so the CSV and webdataset loaders run on real images.",
     ),
-    "embed": (
+    "embed": Stage(
+        "EmbedConfig", "embed:run_embed",
         "teacher features -> memory-mapped fp16 .npy shards",
         "The frozen model encodes a dataset's images and captions into out_dir/{image,text,ids,labels}/*.npy "
         "(the input of balance, cluster and train) + embed.json; resumable shard by shard.",
     ),
-    "balance": (
+    "balance": Stage(
+        "BalanceConfig", "balance:balance_command",
         "streaming semantic dedup (SemDeDup / union-find) of .npy embeddings",
         "k-means, assignment, per-cluster keep rule; resumable; splits clusters over torchrun ranks.",
     ),
-    "cluster": (
+    "cluster": Stage(
+        "ClusterConfig", "balance:cluster_command",
         "k-means of kept embeddings into N pseudo-classes",
         "Writes centroids.npy [N, D] float32 (L2-normalised), labels.npy [n] int64 (-1 = not kept), "
         "optionally topk.npy / topk_sim.npy [n, k], and cluster.json.",
     ),
-    "train": (
-        "distil the teacher into the student: recipes cid, rd, kd, distill, baseline",
+    "train": Stage(
+        "TrainConfig", "train:run_train",
+        f"distil the teacher into the student: recipes {_recipe_names()}",
         "Trains the student with a recipe (CLIP-CID, CLIP-RD, CLIP-KD, open_clip distillation, or the student's "
         "CLIP loss alone), teacher features from the embed cache; checkpoints resume bit for bit (--resume).",
     ),
-    "eval": (
+    "eval": Stage(
+        "EvalConfig", "evaluate:run_eval",
         "zero-shot, retrieval, linear probe of a model",
         "Evaluates the teacher, the student or a clipcid-fast train checkpoint on the held-out split: "
         "zero-shot top-1/top-5 and mean per-class recall, image<->text R@1/5/10, linear probe.",
     ),
-    "demo": (
+    "demo": Stage(
+        "DemoConfig", "demo:run_demo",
         "every stage on the offline default, every recipe, then the report",
-        "embed -> balance -> cluster -> train cid, rd, kd, distill, baseline -> eval, on the offline default "
+        f"embed -> balance -> cluster -> train {_recipe_names()} -> eval, on the offline default "
         "(student: 10k images, 40 % noisy captions; teacher: the clean 60k); each stage reused on a rerun; "
         "report.json / report.md / PNG plots in --out-dir. --quick: reduced sizes (CI).",
+        build="demo:config_from_args",
     ),
-}
+}  # fmt: skip
+
+
+def _pipeline_function(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"clipcid_fast.pipeline.{module}"), name)
 
 
 def _add_stage_parsers(sub) -> None:
     from .pipeline import config
 
-    classes = {
-        "export-data": config.ExportConfig,
-        "embed": config.EmbedConfig,
-        "balance": config.BalanceConfig,
-        "cluster": config.ClusterConfig,
-        "train": config.TrainConfig,
-        "eval": config.EvalConfig,
-        "demo": config.DemoConfig,
-    }
-    for name, (help_text, description) in STAGE_HELP.items():
-        _stage_parser(sub, name, classes[name], help_text, description)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.description)
+        config.add_config_flags(p, getattr(config, stage.config))
+
+
+def _run_stage(name: str, args) -> None:
+    from .pipeline import config
+
+    stage = STAGES[name]
+    if stage.build is not None:
+        cfg = _pipeline_function(stage.build)(args)
+    else:
+        cfg = config.config_from_args(getattr(config, stage.config), args)
+    _pipeline_function(stage.run)(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,17 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in results.items():
             print(f"  {name:<{width}}  {value:.6f}")
         print(f"done in {time.perf_counter() - t0:.2f} s")
-    elif args.cmd == "demo":
-        try:
-            _run_demo(args)
-        except ValueError as e:
-            parser.error(str(e))
     elif args.cmd in STAGES:
-        from .pipeline import config
-
         try:
-            cfg = config.config_from_args(args.cfg_cls, args)
-            STAGES[args.cmd](cfg)
+            _run_stage(args.cmd, args)
         except ValueError as e:
             parser.error(str(e))
     return 0

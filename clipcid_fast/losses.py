@@ -5,7 +5,7 @@
 
 ``output_dict=True`` returns ``{"<name>_loss": tensor}`` (already weighted: a trainer sums the
 values, as open_clip's does); otherwise a tuple in the same order. Every B×B similarity softmax goes
-through the fused K2 op (``ops/relational_rows.py``); ``impl`` picks its backend.
+through the fused relational-rows op (``ops/relational_rows.py``); ``impl`` picks its backend.
 
 Teacher features (``dist_*``) are treated as constants: the fused op gives them no gradient
 (open_clip's teacher runs under ``torch.no_grad``; CLIP-KD and CLIP-RD detach their targets).

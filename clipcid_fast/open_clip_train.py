@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._backend import IMPLS
-from .pipeline.config import RecipeWeights
+from .recipes import RECIPES, WEIGHTS, Recipe
 
 __all__ = ["LOSSES", "OpenClipTrainLoss", "PluginError", "main", "parse_plugin_args"]
 
@@ -51,15 +51,19 @@ STATE_KEY = "clipcid_loss"
 
 PROG = "python -m clipcid_fast.open_clip_train"
 
-# flag -> (RecipeWeights field, the losses it applies to)
+# flag -> (recipe weight, help); the losses it applies to are the recipes that read the weight (recipes.RECIPES)
 _WEIGHT_FLAGS = {
-    "crd": ("crd_weight", ("kd", "rd"), "kd: CRD weight; rd: HRD weight"),
-    "icl": ("icl_weight", ("kd", "rd"), "kd, rd: ICL weight"),
-    "fd": ("fd_weight", ("kd", "rd"), "kd, rd: feature-distillation weight"),
-    "vrd": ("vrd_weight", ("rd",), "rd: VRD weight"),
-    "xrd": ("xrd_weight", ("rd",), "rd: XRD weight"),
-    "distill": ("distill_weight", ("distill",), "distill: weight of distill_loss (open_clip's is 1)"),
+    "crd": ("crd_weight", "kd: CRD weight; rd: HRD weight"),
+    "icl": ("icl_weight", "kd, rd: ICL weight"),
+    "fd": ("fd_weight", "kd, rd: feature-distillation weight"),
+    "vrd": ("vrd_weight", "rd: VRD weight"),
+    "xrd": ("xrd_weight", "rd: XRD weight"),
+    "distill": ("distill_weight", "distill: weight of distill_loss (open_clip's is 1)"),
 }
+
+
+def _losses_reading(field: str) -> tuple[str, ...]:
+    return tuple(kind for kind in LOSSES if field in RECIPES[kind].weights)
 
 
 class PluginError(ValueError):
@@ -77,7 +81,6 @@ def _weight(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    defaults = RecipeWeights()
     p = argparse.ArgumentParser(
         prog=PROG,
         add_help=False,
@@ -89,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         help="distill: FusedDistillClipLoss (open_clip's DistillClipLoss); kd: CLIP-KD; rd: CLIP-RD",
     )  # fmt: skip
     p.add_argument("--clipcid-impl", choices=IMPLS, default="auto", help="backend of the fused ops; default auto")
-    for name, (field, _, text) in _WEIGHT_FLAGS.items():
+    for name, (field, text) in _WEIGHT_FLAGS.items():
         p.add_argument(f"--clipcid-{name}-weight", type=_weight, default=None, metavar="W",
-                       help=f"{text}; default {getattr(defaults, field):g}")  # fmt: skip
+                       help=f"{text}; default {WEIGHTS[field]:g}")  # fmt: skip
     p.add_argument("--clipcid-model-config", action="append", default=[], metavar="PATH",
                    help="a model config JSON (or a folder of them) to register with open_clip.add_model_config, "
                         "so that --model / --distill-model can name it (repeatable)")  # fmt: skip
@@ -104,12 +107,12 @@ def parse_plugin_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     stray = [a for a in rest if a.startswith("--clipcid")]
     if stray:
         raise PluginError(f"unknown clipcid-fast flag {stray[0]} (see {PROG} --help)")
-    defaults = RecipeWeights()
     opts.weights = {}  # the weights of this loss only
-    for name, (field, losses, _) in _WEIGHT_FLAGS.items():
+    for name, (field, _) in _WEIGHT_FLAGS.items():
         given = getattr(opts, f"clipcid_{name}_weight")
+        losses = _losses_reading(field)
         if opts.clipcid_loss in losses:
-            opts.weights[field] = getattr(defaults, field) if given is None else given
+            opts.weights[field] = WEIGHTS[field] if given is None else given
         elif given is not None:
             raise PluginError(
                 f"--clipcid-{name}-weight applies to --clipcid-loss {' / '.join(losses)}, "
@@ -118,12 +121,13 @@ def parse_plugin_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return opts, rest
 
 
-class OpenClipTrainLoss(nn.Module):
-    """The loss open_clip_train's loop calls as ``loss(**model_out, output_dict=True)``.
+class OpenClipTrainLoss(Recipe):
+    """The loss open_clip_train's loop calls as ``loss(**model_out, output_dict=True)``: the recipe table's loss.
 
     ``model_out`` is the student's ``image_features, text_features, logit_scale`` and the teacher's
-    ``dist_image_features, dist_text_features, dist_logit_scale``. Holds the clipcid-fast module (``.loss``) and,
-    for kd / rd with a student narrower or wider than the teacher, ``proj_image`` / ``proj_text``.
+    ``dist_image_features, dist_text_features, dist_logit_scale`` (open_clip's models normalise them). Holds the
+    clipcid-fast module (``.loss``) and, for kd / rd with a student narrower or wider than the teacher,
+    ``proj_image`` / ``proj_text``.
     """
 
     def __init__(
@@ -140,33 +144,18 @@ class OpenClipTrainLoss(nn.Module):
         world_size: int = 1,
         use_horovod: bool = False,
     ) -> None:
-        super().__init__()
-        from .losses import ClipKDLoss, ClipRDLoss, FusedDistillClipLoss
-
         if kind not in LOSSES:
             raise PluginError(f"--clipcid-loss must be one of {', '.join(LOSSES)}; got {kind!r}")
+        if kind == "distill":  # distill compares only similarity matrices: no projection
+            student_dim = teacher_dim = None
+        super().__init__(kind, weights, student_dim, teacher_dim, impl=impl, local_loss=local_loss,
+                         gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, use_horovod=use_horovod,
+                         normalized_students=True)  # fmt: skip
         self.kind = kind
-        self.distill_weight = float(weights.get("distill_weight", 1.0))
-        dist = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
-                    use_horovod=use_horovod, impl=impl)  # fmt: skip
-        self.proj_image = self.proj_text = None
-        if kind == "distill":
-            # the arguments open_clip's create_loss gives DistillClipLoss (cache_labels is implicit here)
-            self.loss = FusedDistillClipLoss(cache_labels=True, **dist)
-            return
-        w = weights
-        if kind == "kd":
-            self.loss = ClipKDLoss(crd_weight=w["crd_weight"], icl_weight=w["icl_weight"], fd_weight=w["fd_weight"],
-                                   **dist)  # fmt: skip
-        else:
-            self.loss = ClipRDLoss(hrd_weight=w["crd_weight"], icl_weight=w["icl_weight"], fd_weight=w["fd_weight"],
-                                   vrd_weight=w["vrd_weight"], xrd_weight=w["xrd_weight"], **dist)  # fmt: skip
-        if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
-            self.proj_image = nn.Linear(student_dim, teacher_dim, bias=False)
-            self.proj_text = nn.Linear(student_dim, teacher_dim, bias=False)
 
     def param_groups(self, wd: float) -> list[dict]:
-        """The raw logit scales (0-D) without weight decay, the projections with ``wd``; empty groups left out."""
+        """The raw logit scales (0-D) without weight decay, the projections with ``wd``; empty groups left out (in
+        this order, the one open_clip_train's checkpoints of this plug-in hold)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
                   {"params": [p for p in params if p.ndim >= 2], "weight_decay": wd}]  # fmt: skip
@@ -188,20 +177,17 @@ class OpenClipTrainLoss(nn.Module):
                 f"--clipcid-loss {self.kind}: the models returned outputs this loss does not use: {sorted(extra)} "
                 "(a SigLIP model's logit_bias? the clipcid-fast losses are softmax CLIP losses)"
             )
-        if self.proj_image is not None:
+        if self.proj_image is not None:  # the recipe projects them
             dtype = self.proj_image.weight.dtype
-            image_features = self.proj_image(image_features.to(dtype))
-            text_features = self.proj_text(text_features.to(dtype))
+            image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         elif self.kind != "distill" and image_features.shape[-1] != dist_image_features.shape[-1]:
             raise ValueError(
                 f"--clipcid-loss {self.kind}: student features are {image_features.shape[-1]}-d and teacher features "
                 f"{dist_image_features.shape[-1]}-d, and no projection was built (the widths read from the model "
                 "configs were equal or unknown)"
             )
-        out = self.loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                        dist_logit_scale, output_dict=True)  # fmt: skip
-        if self.kind == "distill" and self.distill_weight != 1.0:
-            out["distill_loss"] = self.distill_weight * out["distill_loss"]
+        out = super().forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                              dist_logit_scale)  # fmt: skip
         return out if output_dict else tuple(out.values())
 
 

@@ -4,7 +4,7 @@ This file is the spec, the CPU fallback, the test oracle and the benchmark basel
 for clarity, not speed: it forms the full B×B / B×N / c×c matrices the fused kernels never store.
 Every function computes in the dtype it is given (call it with float64 inputs for a gold value).
 
-Conventions (from ``shared/seeds-math.md``):
+Conventions:
 
 * Image/text features passed to the contrastive / relational losses are **already L2-normalised**
   (open_clip's models return normalised features; the modules in ``losses.py`` normalise the raw
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------
-# The generic similarity-softmax row loss (the op K2 fuses).
+# The generic similarity-softmax row loss (the op ``relational_kd_rows`` fuses).
 # --------------------------------------------------------------------------------------------------
 
 

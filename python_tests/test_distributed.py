@@ -124,7 +124,7 @@ def test_global_losses_give_every_rank_its_rows_gradient(rank_results, name, loc
 
 
 def _comm_worker(rank, world, init_file, out_dir):
-    from clipcid_fast.distributed import Comm
+    from clipcid_fast.pipeline.comm import Comm
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     comm = Comm()

@@ -46,7 +46,7 @@ from clipcid_fast.pipeline.config import (
 )
 from clipcid_fast.pipeline.data import build_dataset
 from clipcid_fast.pipeline.embed import run_embed
-from clipcid_fast.pipeline.recipes import Recipe
+from clipcid_fast.recipes import Recipe
 
 N_SAMPLES = 200  # student corpus images
 BATCH = 32

@@ -6,6 +6,10 @@ optimizer and scheduler states, every RNG state (torch CPU and CUDA, numpy, pyth
 also the data position (the sample stream is a function of the seed and the step, ``batches.py``). It is
 written to a temporary name and renamed (``_io.atomic_torch``), so a kill mid-write leaves the previous
 checkpoint intact. ``config`` is the resolved training config: a resume with a different one is refused.
+
+One file in the one-process layout, whatever the world size: the class centres a recipe shards over ranks (and
+their AdamW moments) are gathered into the file on rank 0 (``full_state``) and cut back into this rank's block on
+load (``load_state``).
 """
 
 from __future__ import annotations
@@ -82,3 +86,52 @@ def config_difference(
 
     walk(saved, current, defaults or {}, "")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe's sharded class centres
+
+
+_CENTRES = "cluster.centres"  # the recipe's state_dict key of its (sharded) class centres
+
+
+def _centre_index(recipe, optimizer) -> int | None:
+    if recipe.cluster is None:
+        return None
+    params = [q for g in optimizer.param_groups for q in g["params"]]
+    return next(i for i, q in enumerate(params) if q is recipe.cluster.centres)
+
+
+def full_state(comm, recipe, optimizer) -> tuple[dict, dict] | None:
+    """(recipe, optimizer) state dicts with the sharded centres and their AdamW moments gathered (rank 0; None on
+    the others). Collective: every rank calls it."""
+    rsd, osd = recipe.state_dict(), optimizer.state_dict()
+    idx = _centre_index(recipe, optimizer)
+    if comm.world == 1 or idx is None:
+        return rsd, osd
+    n = recipe.cluster.num_classes
+    full = comm.gather_shards(rsd[_CENTRES], n)
+    state = dict(osd["state"].get(idx, {}))  # a new dict: the packed state holds the live tensors
+    for k in sorted(state):
+        v = state[k]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rsd[_CENTRES].shape[0]:
+            state[k] = comm.gather_shards(v, n)
+    if comm.rank != 0:
+        return None
+    rsd = {**rsd, _CENTRES: full}
+    osd = {**osd, "state": {**osd["state"], idx: state}}
+    return rsd, osd
+
+
+def load_state(recipe, optimizer, rsd: dict, osd: dict) -> None:
+    """Load a ``full_state`` into this rank's recipe and optimizer (its block of the centres and their moments)."""
+    idx = _centre_index(recipe, optimizer)
+    if idx is not None and recipe.cluster.world_size > 1:
+        a, b = recipe.cluster.start, recipe.cluster.stop
+        n = recipe.cluster.num_classes
+        rsd = {**rsd, _CENTRES: rsd[_CENTRES][a:b]}
+        state = {k: (v[a:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
+                 for k, v in osd["state"].get(idx, {}).items()}  # fmt: skip
+        osd = {**osd, "state": {**osd["state"], idx: state}}
+    recipe.load_state_dict(rsd)
+    optimizer.load_state_dict(osd)

@@ -23,9 +23,10 @@ from typing import Any, Optional, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-C = TypeVar("C")
+from ..recipes import RECIPES as _RECIPE_TABLE
+from ..recipes import WEIGHTS
 
-LN_INV_007 = 2.6592600369327779  # ln(1 / 0.07): CLIP-KD / CLIP-RD's raw logit-scale init
+C = TypeVar("C")
 
 
 def _help(text: str) -> dict:
@@ -219,31 +220,47 @@ class ClusterConfig:
     invalid: str = dataclasses.field(default="error", metadata=_help("NaN/inf/zero rows: error or remove"))
 
 
-RECIPES = ("cid", "rd", "kd", "distill", "baseline")
+RECIPES = tuple(_RECIPE_TABLE)
 
 
 @dataclasses.dataclass
 class RecipeWeights:
-    """Loss weights and temperatures; defaults are the published values (``shared/seeds-math.md``)."""
+    """Loss weights and temperatures; defaults are the published values, defined once in ``recipes.WEIGHTS``."""
 
     # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
-    crd_weight: float = dataclasses.field(default=1.0, metadata=_help("kd: CRD weight (rd: HRD weight)"))
-    icl_weight: float = dataclasses.field(default=1.0, metadata=_help("kd, rd: ICL weight"))
-    fd_weight: float = dataclasses.field(default=2000.0, metadata=_help("kd, rd: feature-distillation weight"))
-    vrd_weight: float = dataclasses.field(default=1.0, metadata=_help("rd: VRD weight (its KL and both CE terms)"))
-    xrd_weight: float = dataclasses.field(default=1.0, metadata=_help("rd: XRD weight"))
-    # open_clip DistillClipLoss sums its two terms with weight 1
-    distill_weight: float = dataclasses.field(default=1.0, metadata=_help("distill: weight of the distill term"))
-    # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
-    cd_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: cluster-discrimination weight"))
-    id_weight: float = dataclasses.field(default=1.0, metadata=_help("cid: instance-discrimination weight"))
-    id_scale_init: float = dataclasses.field(
-        default=LN_INV_007, metadata=_help("cid: initial raw logit scale of the instance term (CLIP-KD's ICL init)")
+    crd_weight: float = dataclasses.field(
+        default=WEIGHTS["crd_weight"], metadata=_help("kd: CRD weight (rd: HRD weight)")
     )
-    cd_margin: float = dataclasses.field(default=0.5, metadata=_help("cid: ArcFace additive angular margin m2"))
-    cd_scale: float = dataclasses.field(default=32.0, metadata=_help("cid: margin-softmax scale s"))
+    icl_weight: float = dataclasses.field(default=WEIGHTS["icl_weight"], metadata=_help("kd, rd: ICL weight"))
+    fd_weight: float = dataclasses.field(
+        default=WEIGHTS["fd_weight"], metadata=_help("kd, rd: feature-distillation weight")
+    )
+    vrd_weight: float = dataclasses.field(
+        default=WEIGHTS["vrd_weight"], metadata=_help("rd: VRD weight (its KL and both CE terms)")
+    )
+    xrd_weight: float = dataclasses.field(default=WEIGHTS["xrd_weight"], metadata=_help("rd: XRD weight"))
+    # open_clip DistillClipLoss sums its two terms with weight 1
+    distill_weight: float = dataclasses.field(
+        default=WEIGHTS["distill_weight"], metadata=_help("distill: weight of the distill term")
+    )
+    # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
+    cd_weight: float = dataclasses.field(
+        default=WEIGHTS["cd_weight"], metadata=_help("cid: cluster-discrimination weight")
+    )
+    id_weight: float = dataclasses.field(
+        default=WEIGHTS["id_weight"], metadata=_help("cid: instance-discrimination weight")
+    )
+    id_scale_init: float = dataclasses.field(
+        default=WEIGHTS["id_scale_init"],
+        metadata=_help("cid: initial raw logit scale of the instance term (CLIP-KD's ICL init)"),
+    )
+    cd_margin: float = dataclasses.field(
+        default=WEIGHTS["cd_margin"], metadata=_help("cid: ArcFace additive angular margin m2")
+    )
+    cd_scale: float = dataclasses.field(default=WEIGHTS["cd_scale"], metadata=_help("cid: margin-softmax scale s"))
     centre_lr_mult: float = dataclasses.field(
-        default=3.0, metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)")
+        default=WEIGHTS["centre_lr_mult"],
+        metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)"),
     )
 
 
@@ -396,7 +413,8 @@ def _comma_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _flag_overrides(cls, args: argparse.Namespace) -> dict:
+def flag_overrides(cls, args: argparse.Namespace) -> dict:
+    """The flags given on the command line as a nested dict (what ``config_from_args`` lays over the YAML)."""
     given = vars(args)
     tree: dict = {}
     for path, _f, _tp in _leaves(cls):
@@ -425,13 +443,8 @@ def build_config(cls: type[C], yaml_path: str | None = None, overrides: dict | N
         raise ValueError(f"config key {key!r}: {msg}") from None
 
 
-def flag_overrides(cls, args: argparse.Namespace) -> dict:
-    """The flags given on the command line as a nested dict (what ``config_from_args`` lays over the YAML)."""
-    return _flag_overrides(cls, args)
-
-
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    return build_config(cls, getattr(args, "config", None), _flag_overrides(cls, args))
+    return build_config(cls, getattr(args, "config", None), flag_overrides(cls, args))
 
 
 def to_dict(cfg) -> dict:

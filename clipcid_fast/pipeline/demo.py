@@ -1,6 +1,6 @@
 """``clipcid-fast demo``: every stage on the offline default, then the report.
 
-The regime is the one where distillation pays (``shared/calibration.md``): the teacher learned from the clean
+The regime is the one where distillation pays: the teacher learned from the clean
 60k Fashion-MNIST train split; the student's corpus is a seeded 10k subset of it with 40 % of its captions
 naming another class; every number is measured on the clean 10k test split. Stages, in ``out_dir``:
 
@@ -30,6 +30,7 @@ import time
 
 from omegaconf import OmegaConf
 
+from ..recipes import RECIPES as TABLE
 from .config import RECIPES, DataConfig, DemoConfig, EmbedConfig, EvalConfig, TrainConfig, build_config, to_dict
 
 # --quick: sizes for CI (about 2-3 min on 2 cores once the quick teacher is cached). The teacher always trains on
@@ -151,10 +152,6 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _shards(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npy"))
-
-
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -168,22 +165,17 @@ def _read_json(path: str) -> dict | None:
 
 def cached_teacher(cfg: DemoConfig) -> tuple[dict, str] | None:
     """(training record, weights file) of the cached default teacher of ``cfg``'s recipe; None when there is none
-    (not trained yet, or not the default teacher). Found by its recipe, as ``models`` names the cache files."""
+    (not trained yet, or not the default teacher)."""
     from . import models
 
     if cfg.models.teacher != "default" or cfg.models.teacher_weights is not None:
         return None
-    want = models.teacher_recipe(models.default_teacher_cfg(cfg.models.context_length), cfg.models, cfg.data)
+    model_cfg = models.default_teacher_cfg(cfg.models.context_length)
+    weights, _, want = models.default_teacher_cache(model_cfg, cfg.models, cfg.data)
     want = json.loads(json.dumps(want))  # tuples -> lists, as the JSON beside the cache holds them
-    folder = os.path.expanduser(cfg.models.cache_dir)
-    if not os.path.isdir(folder):
-        return None
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("default-teacher-") and name.endswith(".json"):
-            rec = _read_json(os.path.join(folder, name))
-            weights = os.path.join(folder, name[: -len(".json")] + ".pt")
-            if rec and rec.get("recipe") == want and os.path.isfile(weights):
-                return rec.get("training", {}), weights
+    rec = _read_json(weights[: -len(".pt")] + ".json")
+    if rec and rec.get("recipe") == want and os.path.isfile(weights):
+        return rec.get("training", {}), weights
     return None
 
 
@@ -277,12 +269,12 @@ def cluster_stage(cfg: DemoConfig, layout: Layout) -> dict:
     from ._io import atomic_json
 
     out = layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes)
-    keep = os.path.join(layout.balance(cfg.balance_k), f"keep_eps{cfg.balance_eps:g}.npy")
+    keep = balance.keep_mask_path(layout.balance(cfg.balance_k), cfg.balance_eps)
     inputs = {"image_shards_sha256": embed_digest(layout), "keep_sha256": _sha256_file(keep),
               "n_classes": cfg.n_classes, "seed": 0}  # fmt: skip
     stamp = os.path.join(out, "demo_inputs.json")
     meta = _read_json(os.path.join(out, "cluster.json"))
-    if meta is not None and _read_json(stamp) == inputs and os.path.isfile(os.path.join(out, "labels.npy")):
+    if meta is not None and _read_json(stamp) == inputs and os.path.isfile(balance.pseudo_class_paths(out)[0]):
         return {**meta, "reused": True}
     meta = balance.run_cluster(os.path.join(layout.embed, "image"), out, cfg.n_classes, keep=keep, seed=0)
     atomic_json(stamp, inputs)
@@ -291,11 +283,11 @@ def cluster_stage(cfg: DemoConfig, layout: Layout) -> dict:
 
 def train_config(cfg: DemoConfig, layout: Layout, recipe: str, seed: int | None = None) -> TrainConfig:
     seed = cfg.seed if seed is None else seed
-    cid = recipe == "cid"
+    cid = TABLE[recipe].labels  # balance's keep mask and cluster's pseudo-classes
     return TrainConfig(
         out_dir=layout.train(recipe, seed),
         recipe=recipe,
-        teacher_cache=layout.embed if recipe != "baseline" else None,
+        teacher_cache=layout.embed if TABLE[recipe].teacher else None,
         balance_dir=layout.balance(cfg.balance_k) if cid else None,
         balance_eps=cfg.balance_eps,
         cluster_dir=layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes) if cid else None,
@@ -454,7 +446,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     _done(clock, "embed", "features of the same teacher weights reused" if reused else "")
 
     balance_summary = cluster_meta = None
-    if "cid" in recipes:
+    if any(TABLE[r].labels for r in recipes):
         _banner(2, n, f"balance: SemDeDup of the teacher's image features, k={cfg.balance_k}")
         t0 = time.perf_counter()
         balance_summary = balance_stage(cfg, layout)

@@ -28,7 +28,6 @@ were byte-identical to encoding every caption in its image batch (``python_tests
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,12 +36,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from ._io import atomic_json, atomic_npy, clean_tmp
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
+from .embed_meta import dataset_identity, model_meta, plain, read_json, refuse_other_run, short
+from .models import image_features, model_device_dtype, text_features  # noqa: F401 (the writer's encoders)
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -56,109 +56,6 @@ FORMAT = 1
 
 def shard_name(k: int) -> str:
     return f"{k:05d}.npy"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# features (shared with evaluate)
-
-
-def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the model's weights live and their floating dtype (images are cast to it)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def image_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised float32 image features on the CPU, [B, D]; call under ``torch.inference_mode``."""
-    device, dtype = model_device_dtype(model)
-    f = model.encode_image(images.to(device=device, dtype=dtype))
-    return F.normalize(f.float(), dim=-1).cpu()
-
-
-def text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """L2-normalised float32 features of token rows [n, L], encoded ``batch_size`` rows at a time; [n, D] on CPU."""
-    device, _ = model_device_dtype(model)
-    parts = [
-        F.normalize(model.encode_text(tokens[s : s + batch_size].to(device)).float(), dim=-1).cpu()
-        for s in range(0, tokens.shape[0], batch_size)
-    ]
-    return torch.cat(parts)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# what a run embeds, and the refusal when a directory holds another run
-
-
-def _plain(obj):
-    """JSON's view of ``obj`` (tuples become lists), so stored and fresh values compare equal."""
-    return json.loads(json.dumps(obj))
-
-
-def model_meta(loaded: LoadedModel) -> dict:
-    scale = getattr(loaded.model, "logit_scale", None)
-    return {
-        "name": loaded.name,
-        "fingerprint": loaded.fingerprint,
-        "model_cfg": _plain(loaded.model_cfg),
-        "logit_scale": None if scale is None else float(torch.as_tensor(scale).detach().float().exp()),
-        "info": _plain(loaded.info),
-    }
-
-
-def dataset_identity(data: dict) -> dict:
-    """The DataConfig fields that decide which rows, in which order, with which captions. ``workers`` changes only
-    the speed of a map-style source; a webdataset's DataLoader workers interleave its shards, so there it counts."""
-    out = {k: v for k, v in data.items() if k != "summary"}
-    if out.get("dataset") != "wds":
-        out.pop("workers", None)
-    return out
-
-
-def _run_identity(meta: dict) -> dict:
-    return {
-        "fingerprint": meta["model"]["fingerprint"],
-        "model_cfg": meta["model"]["model_cfg"],
-        "dataset": dataset_identity(meta["dataset"]),
-        "shard_rows": meta["shard_rows"],
-    }
-
-
-def first_difference(stored: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:
-    """The first key (dotted path, sorted order) whose value differs between two nested dicts, with both values."""
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}", a, b
-    return None
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _refuse_other_run(out_dir: str, stored: dict, current: dict, source: str) -> None:
-    found = first_difference(_run_identity(stored), _run_identity(current))
-    if found:
-        key, a, b = found
-        field = f"model {key}" if key == "fingerprint" or key.startswith("model_cfg") else key
-        raise ValueError(
-            f"embed: {out_dir!r} holds another run's features ({source}: {field} = {_short(a)}, this run's = "
-            f"{_short(b)}); features of two runs never mix: use another out_dir or delete that one"
-        )
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,16 +196,16 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
     ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
     dataset_meta = to_dict(cfg.data)
     if hasattr(ds, "summary"):
-        dataset_meta["summary"] = _plain(ds.summary())
+        dataset_meta["summary"] = plain(ds.summary())
     meta = {"format": FORMAT, "model": model_meta(loaded), "dataset": dataset_meta, "shard_rows": cfg.shard_rows}
 
     for sub in SHARD_DIRS:
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     manifest_path, summary_path = os.path.join(out_dir, "manifest.json"), os.path.join(out_dir, "embed.json")
     for path in (manifest_path, summary_path):
-        stored = _read_json(path)
+        stored = read_json(path)
         if stored is not None:
-            _refuse_other_run(out_dir, stored, meta, os.path.basename(path))
+            refuse_other_run(out_dir, stored, meta, os.path.basename(path))
     clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in SHARD_DIRS))
     if not os.path.isfile(manifest_path):
         atomic_json(manifest_path, meta)
@@ -329,7 +226,7 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
         pending = [k for k in range(n_shards) if _shard_rows_on_disk(out_dir, k) != expected[k]]
         total = sum(expected[k] for k in pending)
 
-    finished = _read_json(summary_path)
+    finished = read_json(summary_path)
     if finished is not None and _complete(out_dir, finished):
         print(f"embed: {out_dir} is complete ({finished['count']} rows); nothing to do")
         return finished
@@ -518,23 +415,23 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
     "labels": int64 [n], "meta": embed.json, "row_of": IdIndex}`` (``row_of(ids)`` -> rows).
     """
     summary_path = os.path.join(path, "embed.json")
-    meta = _read_json(summary_path)
+    meta = read_json(summary_path)
     if meta is None:
         what = "an unfinished embed run (rerun clipcid-fast embed)" if os.path.isdir(path) else "missing"
         raise ValueError(f"embeddings {path!r}: no embed.json ({what})")
     model_fields = _expected_fields(expect_model, _loaded_fields)
     dataset_fields = _expected_fields(expect_dataset, lambda c: dataset_identity(to_dict(c)))
     for key, value in model_fields.items():
-        if _plain(value) != meta["model"].get(key, "<absent>"):
+        if plain(value) != meta["model"].get(key, "<absent>"):
             raise ValueError(
-                f"embeddings {path!r}: model {key} is {_short(meta['model'].get(key, '<absent>'))}, "
-                f"expected {_short(value)} (embedded by another model)"
+                f"embeddings {path!r}: model {key} is {short(meta['model'].get(key, '<absent>'))}, "
+                f"expected {short(value)} (embedded by another model)"
             )
     stored_dataset = meta["dataset"]
     for key, value in dataset_fields.items():
         have = stored_dataset.get(key, stored_dataset.get("summary", {}).get(key, "<absent>"))
-        if _plain(value) != have:
-            raise ValueError(f"embeddings {path!r}: dataset field {key!r} is {_short(have)}, expected {_short(value)}")
+        if plain(value) != have:
+            raise ValueError(f"embeddings {path!r}: dataset field {key!r} is {short(have)}, expected {short(value)}")
 
     columns: dict[str, list[np.ndarray]] = {sub: [] for sub in SHARD_DIRS}
     for k in range(meta["shards"]):
@@ -552,3 +449,31 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
     ids = np.concatenate(columns["ids"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
     labels = np.concatenate(columns["labels"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
     return {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": IdIndex(ids)}
+
+
+TRAINING_IDENTITY = ("dataset", "train_data", "corpus", "student_samples", "caption_noise", "data_seed",
+                     "csv_img_key", "csv_caption_key")  # fmt: skip
+"""The DataConfig fields a trainer compares with the cache's: the ones that name its samples and their captions (a
+narrower set than ``dataset_identity``'s, which also holds settings such as ``skip_bad`` and the data folder)."""
+
+
+def load_teacher_cache(path: str | None, recipe: str, teacher: LoadedModel, data: dict) -> dict:
+    """``load_embeddings(path)`` for training with ``teacher`` on the samples of ``data`` (a DataConfig's dict):
+    refused (one ValueError line naming ``--teacher-cache``) when another teacher's weights embedded it or when it
+    holds another dataset (``TRAINING_IDENTITY``)."""
+    if path is None:
+        raise ValueError(f"recipe {recipe} needs --teacher-cache (clipcid-fast embed output) or --online-teacher")
+    emb = load_embeddings(path)
+    meta = emb["meta"]
+    if meta["model"]["fingerprint"] != teacher.fingerprint:
+        raise ValueError(
+            f"--teacher-cache {path!r} was embedded by {meta['model']['name']} "
+            f"(weights {meta['model']['fingerprint'][:12]}), not this teacher {teacher.name} "
+            f"(weights {teacher.fingerprint[:12]}): re-run clipcid-fast embed"
+        )
+    want = {k: data.get(k) for k in TRAINING_IDENTITY}
+    got = {k: meta["dataset"].get(k) for k in TRAINING_IDENTITY}
+    diff = [f"{k}: {got[k]!r} (cache) vs {want[k]!r} (now)" for k in want if want[k] != got[k]]
+    if diff:
+        raise ValueError(f"--teacher-cache {path!r} holds another dataset: {'; '.join(diff)}")
+    return emb

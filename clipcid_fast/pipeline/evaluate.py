@@ -35,7 +35,8 @@ from . import metrics
 from ._io import atomic_json
 from .config import DataConfig, EvalConfig, to_dict
 from .data import build_dataset, class_names, collate, templates
-from .embed import image_features, model_meta, text_features
+from .embed_meta import model_meta
+from .models import image_features, text_features
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -255,6 +256,38 @@ def run_eval(cfg: EvalConfig, *, loaded: LoadedModel | None = None) -> dict:
     atomic_json(cfg.out, report)
     print(format_table(report))
     return report
+
+
+class ZeroShotProbe:
+    """The trainer's periodic check: zero-shot top-1 and mean per-class recall (``metrics``, as ``zeroshot``) of a
+    model on a fixed seeded subset of ``samples`` images of the held-out split of ``data`` (a DataConfig), held
+    in memory on the host, so each call costs one forward of the subset and the prompts."""
+
+    def __init__(self, data: DataConfig, student: LoadedModel, seed: int, samples: int) -> None:
+        test_cfg = DataConfig(**{**to_dict(data), "corpus": "test"})
+        ds = build_dataset(test_cfg, student.preprocess, student.tokenizer)
+        pick = np.random.default_rng([seed, 7]).permutation(len(ds))[: min(samples, len(ds))]
+        items = [ds[int(i)] for i in np.sort(pick)]
+        self.images = torch.stack([it["image"] for it in items])
+        self.labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+        names, temps = class_names(test_cfg), templates(test_cfg)
+        self.prompts = [student.tokenizer([t.format(c) for t in temps]) for c in names]
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict:
+        from .models import normalized_features
+
+        was_training = model.training
+        model.eval()
+        dev = next(model.parameters()).device  # the held-out inputs stay on the host; features come back to it
+        prompts = torch.stack([normalized_features(model, texts=p.to(dev)).float().cpu() for p in self.prompts])
+        acc = metrics.ZeroShotAccumulator(metrics.class_classifier(prompts))
+        for s in range(0, len(self.labels), 500):
+            feats = normalized_features(model, images=self.images[s : s + 500].to(dev)).float().cpu()
+            acc.update(feats, self.labels[s : s + 500])
+        model.train(was_training)
+        r = acc.result()
+        return {"eval_zeroshot_top1": r["top1"], "eval_mean_per_class_recall": r["mean_per_class_recall"]}
 
 
 def format_table(report: dict) -> str:

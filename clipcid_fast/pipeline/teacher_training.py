@@ -5,8 +5,8 @@ caption embeddings are computed once (the corpus has only class × template dist
 tower learns to land on them. The corpus' captions are class prompts, so a batch holds many images of one
 class: the plain CLIP target (the diagonal) would push apart images of the same class. The target of image
 i is therefore uniform over the batch's captions of i's caption class (and the transposed target for the
-text side): soft same-class targets, the recipe ``shared/calibration.md`` verified (0.35M-param CNN,
-scale 20, AdamW 2e-3, batch 256: about 90 % zero-shot on the test split).
+text side): soft same-class targets (a 0.35M-param CNN, scale 20, AdamW 2e-3, batch 256 reaches about 90 %
+zero-shot on the test split).
 
 The model's own preprocess is applied once to every image of the corpus (it is deterministic: resize,
 to-tensor, normalise), which costs one pass instead of one per epoch.
@@ -55,10 +55,11 @@ def _preprocessed_corpus(ds, progress: bool, subset: int, seed: int) -> tuple[to
 
 
 def train_lit_image_tower(
-    model, model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig, progress: bool = True
+    model, preprocess, tokenizer, logit_scale: float, cfg: ModelConfig, data_cfg: DataConfig, progress: bool = True
 ) -> dict:
+    """Train ``model.visual`` in place against the frozen text tower (``preprocess`` / ``tokenizer``: the model's,
+    ``logit_scale``: the fixed scale of the loss); returns the training record cached beside the weights."""
     from . import data
-    from .models import TEACHER_LOGIT_SCALE
 
     corpus_cfg = DataConfig(
         dataset="fashion-mnist",
@@ -66,15 +67,12 @@ def train_lit_image_tower(
         data_seed=data_cfg.data_seed,
         fashion_mnist_dir=data_cfg.fashion_mnist_dir,
     )
-    from .models import make_preprocess, make_tokenizer
-
-    ds = data.build_dataset(corpus_cfg, make_preprocess(model_cfg), make_tokenizer(model_cfg))
+    ds = data.build_dataset(corpus_cfg, preprocess, tokenizer)
     t0 = time.perf_counter()
     images, captions, groups = _preprocessed_corpus(ds, progress, cfg.teacher_samples, data_cfg.data_seed)
     t_pre = time.perf_counter() - t0
 
     distinct, caption_idx = np.unique(np.asarray(captions), return_inverse=True)
-    tokenizer = make_tokenizer(model_cfg)
     model.eval()
     with torch.inference_mode():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(distinct))), dim=-1)
@@ -108,7 +106,7 @@ def train_lit_image_tower(
         for s in range(steps_per_epoch):
             idx = perm[s * bs : (s + 1) * bs]
             img = torch.nn.functional.normalize(visual(images[idx]), dim=-1)
-            loss = soft_target_clip_loss(img, text[caption_idx[idx]], groups[idx], TEACHER_LOGIT_SCALE)
+            loss = soft_target_clip_loss(img, text[caption_idx[idx]], groups[idx], logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,4 +1,4 @@
-"""The thin trainer: one readable loop; recipes are loss compositions (``recipes.py``); exact resume.
+"""The thin trainer: one readable loop; recipes are the library's loss compositions (``recipes.py``); exact resume.
 
 ``run_train(cfg)`` trains the student of ``cfg.models`` on ``cfg.data`` with ``cfg.recipe``:
 
@@ -34,116 +34,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import Comm, local_rank, run_stage
-from . import checkpoint, data, models
+from ..recipes import RECIPES as TABLE
+from ..recipes import Recipe
+from . import checkpoint, data, embed, evaluate, models
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
+from .comm import Comm, local_rank, run_stage
 from .config import RECIPES, TrainConfig, to_dict, write_config
-from .recipes import Recipe
 from .step import LOGIT_SCALE_MAX, TrainStep
 
 __all__ = ["LOGIT_SCALE_MAX", "Prepared", "prepare", "run_train"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# inputs: teacher cache, balance mask, pseudo-classes
-
-
-def _dataset_identity(d: dict) -> dict:
-    keys = ("dataset", "train_data", "corpus", "student_samples", "caption_noise", "data_seed", "csv_img_key",
-            "csv_caption_key")  # fmt: skip
-    return {k: d.get(k) for k in keys}
-
-
-def _teacher_cache(cfg: TrainConfig, teacher: models.LoadedModel) -> dict:
-    from . import embed
-
-    if cfg.teacher_cache is None:
-        raise ValueError(f"recipe {cfg.recipe} needs --teacher-cache (clipcid-fast embed output) or --online-teacher")
-    emb = embed.load_embeddings(cfg.teacher_cache)
-    meta = emb["meta"]
-    if meta["model"]["fingerprint"] != teacher.fingerprint:
-        raise ValueError(
-            f"--teacher-cache {cfg.teacher_cache!r} was embedded by {meta['model']['name']} "
-            f"(weights {meta['model']['fingerprint'][:12]}), not this teacher {teacher.name} "
-            f"(weights {teacher.fingerprint[:12]}): re-run clipcid-fast embed"
-        )
-    want, got = _dataset_identity(to_dict(cfg.data)), _dataset_identity(meta["dataset"])
-    diff = [f"{k}: {got[k]!r} (cache) vs {want[k]!r} (now)" for k in want if want[k] != got[k]]
-    if diff:
-        raise ValueError(f"--teacher-cache {cfg.teacher_cache!r} holds another dataset: {'; '.join(diff)}")
-    return emb
-
-
-def _check_labels_fit(cluster_dir: str, image, labels: np.ndarray, cent_path: str, sample: int = 1024) -> None:
-    """labels.npy and centroids.npy do not say which embeddings they came from, and a cluster run of another cache
-    with the same row count (another teacher, or another corpus of that size) fits every shape check: it trained
-    silently on wrong pseudo-classes (python_tests/test_train.py). ``clipcid-fast cluster`` labels every row with
-    its nearest centroid, so on up to ``sample`` labelled rows of this cache (evenly spaced) most labels must be
-    the nearest centroid; the cut (90 %) leaves room for near-ties, other embeddings agree by chance (~1/N)."""
-    cent = np.load(cent_path, mmap_mode="r")
-    dim = image.shape[1]
-    if cent.ndim != 2 or cent.shape[1] != dim:
-        raise ValueError(
-            f"--cluster-dir {cluster_dir!r}: centroids.npy is {cent.shape}, the teacher cache's D is {dim}"
-        )
-    # the values, once, as they enter: the cluster loss does not scan them every step (check_values=False)
-    bad = np.flatnonzero((labels < -1) | (labels >= cent.shape[0]))
-    if bad.size:
-        raise ValueError(
-            f"--cluster-dir {cluster_dir!r}: labels.npy row {bad[0]} is {labels[bad[0]]}, outside [-1, "
-            f"{cent.shape[0]}) (centroids.npy has {cent.shape[0]} rows)"
-        )
-    for s in range(0, cent.shape[0], 65536):
-        block = np.asarray(cent[s : s + 65536], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1)
-        broken = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
-        if broken.size:
-            raise ValueError(
-                f"--cluster-dir {cluster_dir!r}: centroids.npy row {s + broken[0]} is not finite or has zero norm"
-            )
-    rows = np.flatnonzero(labels >= 0)
-    if rows.size == 0:
-        return
-    rows = rows[np.linspace(0, rows.size - 1, min(sample, rows.size)).round().astype(np.int64)]
-    c = np.asarray(cent, dtype=np.float32)
-    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)  # cosine, as run_cluster assigns
-    nearest = (np.asarray(image[rows], dtype=np.float32) @ c.T).argmax(axis=1)
-    agree = float(np.mean(nearest == labels[rows]))
-    if agree < 0.9:
-        raise ValueError(
-            f"--cluster-dir {cluster_dir!r}: labels.npy does not match the teacher cache (only {agree:.0%} of "
-            f"{rows.size} sampled rows carry their nearest centroid's label): it was clustered from other embeddings"
-        )
+# inputs: teacher cache, balance mask, pseudo-classes (each read by the stage that wrote it)
 
 
 def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, str]:
     """(kept cache rows as bool [n], pseudo-class per cache row [n], centroids path)."""
+    from .balance import load_keep_mask, load_pseudo_classes
+
     n = len(emb["ids"])
     if cfg.cluster_dir is None:
         raise ValueError("recipe cid needs --cluster-dir (the output of clipcid-fast cluster)")
-    labels_path = os.path.join(cfg.cluster_dir, "labels.npy")
-    cent_path = os.path.join(cfg.cluster_dir, "centroids.npy")
-    for p in (labels_path, cent_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"--cluster-dir {cfg.cluster_dir!r}: {os.path.basename(p)} is missing")
-    labels = np.load(labels_path)
-    if labels.shape != (n,):
-        raise ValueError(
-            f"--cluster-dir {cfg.cluster_dir!r}: labels.npy has {labels.shape[0]} rows, the teacher cache {n}: "
-            "it was clustered from other embeddings"
-        )
-    _check_labels_fit(cfg.cluster_dir, emb["image"], labels, cent_path)
+    labels, cent_path = load_pseudo_classes(cfg.cluster_dir, emb["image"])
     keep = np.ones(n, dtype=bool)
     if cfg.balance_dir is not None:
-        mask_path = os.path.join(cfg.balance_dir, f"keep_eps{cfg.balance_eps:g}.npy")
-        if not os.path.isfile(mask_path):
-            have = sorted(f for f in os.listdir(cfg.balance_dir) if f.startswith("keep_")) if os.path.isdir(
-                cfg.balance_dir) else []  # fmt: skip
-            raise ValueError(f"--balance-dir: no {os.path.basename(mask_path)} in {cfg.balance_dir!r} (has {have})")
-        keep = np.load(mask_path)
-        if keep.shape != (n,):
-            raise ValueError(f"--balance-dir: {mask_path} has {keep.shape[0]} rows, the teacher cache {n}")
+        keep = load_keep_mask(cfg.balance_dir, cfg.balance_eps, n)
     return keep & (labels >= 0), labels, cent_path
 
 
@@ -173,40 +90,6 @@ def _schedule(cfg: TrainConfig):
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     return factor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the periodic held-out eval (zero-shot on a fixed subset; the full report is clipcid-fast eval)
-
-
-class _ZeroShotProbe:
-    def __init__(self, cfg: TrainConfig, student: models.LoadedModel) -> None:
-        from .config import DataConfig
-        from .metrics import ZeroShotAccumulator, class_classifier
-
-        self._acc_cls, self._classifier = ZeroShotAccumulator, class_classifier
-        test_cfg = DataConfig(**{**to_dict(cfg.data), "corpus": "test"})
-        ds = data.build_dataset(test_cfg, student.preprocess, student.tokenizer)
-        pick = np.random.default_rng([cfg.seed, 7]).permutation(len(ds))[: min(cfg.eval_samples, len(ds))]
-        items = [ds[int(i)] for i in np.sort(pick)]
-        self.images = torch.stack([it["image"] for it in items])
-        self.labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
-        names, templates = data.class_names(test_cfg), data.templates(test_cfg)
-        self.prompts = [student.tokenizer([t.format(c) for t in templates]) for c in names]
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> dict:
-        was_training = model.training
-        model.eval()
-        dev = next(model.parameters()).device  # the held-out inputs stay on the host; features come back to it
-        prompts = torch.stack([models.normalized_features(model, texts=p.to(dev)).float().cpu() for p in self.prompts])
-        acc = self._acc_cls(self._classifier(prompts))
-        for s in range(0, len(self.labels), 500):
-            feats = models.normalized_features(model, images=self.images[s : s + 500].to(dev)).float().cpu()
-            acc.update(feats, self.labels[s : s + 500])
-        model.train(was_training)
-        r = acc.result()
-        return {"eval_zeroshot_top1": r["top1"], "eval_mean_per_class_recall": r["mean_per_class_recall"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +180,7 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     torch.manual_seed(cfg.seed)
     student = models.load_model(cfg.models, "student", seed=cfg.seed, data_cfg=cfg.data)
     teacher = None
-    if cfg.recipe != "baseline":
+    if TABLE[cfg.recipe].teacher:
         load = lambda: models.load_model(cfg.models, "teacher", progress=cfg.progress, data_cfg=cfg.data)  # noqa: E731
         teacher = run_stage(comm, load, root_only=True) if comm.world > 1 else None
         teacher = teacher if comm.rank == 0 and teacher is not None else load()
@@ -306,24 +189,20 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     dataset = data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
     ds_ids = np.asarray(dataset.ids, dtype=np.int64)
     train_index = np.arange(len(dataset))
-    emb = cache = labels = None
-    centroids = None
-    if teacher is not None and not cfg.online_teacher:
-        emb = _teacher_cache(cfg, teacher)
+    cache = labels = centroids = None
+    cached_teacher = teacher is not None and not cfg.online_teacher
+    if cached_teacher or TABLE[cfg.recipe].labels:  # the pseudo-classes are indexed by cache row, online or not
+        emb = embed.load_teacher_cache(cfg.teacher_cache, cfg.recipe, teacher, to_dict(cfg.data))
         cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+    if cached_teacher:
         missing = ~np.isin(ds_ids, np.asarray(emb["ids"]))
         if missing.any():
             raise ValueError(
                 f"--teacher-cache lacks {int(missing.sum())} of the dataset's samples (e.g. id {ds_ids[missing][0]})"
             )
-    if cfg.recipe == "cid":
-        if emb is None:
-            emb = _teacher_cache(cfg, teacher)  # the pseudo-classes are indexed by cache row
+    if TABLE[cfg.recipe].labels:
         kept_rows, labels, centroids = _cid_inputs(cfg, emb)
-        kept_ids = np.asarray(emb["ids"])[kept_rows]
-        train_index = train_index[np.isin(ds_ids, kept_ids)]
-        if cache is None:  # online teacher: labels still come by cache row
-            cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+        train_index = train_index[np.isin(ds_ids, np.asarray(emb["ids"])[kept_rows])]
     stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
     builder = BatchBuilder(dataset, train_index, cache, labels)
     t_scale = None
@@ -341,7 +220,7 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
                     gather_with_grad=cfg.gather_with_grad)  # fmt: skip
     model = student.model.to(device).train()
     recipe.to(device)
-    groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.lr, cfg.wd)
+    groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.wd)
     for g in groups:
         g["lr"] = cfg.lr * g.pop("lr_mult")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -353,52 +232,6 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     n_cls = recipe.cluster.num_classes if recipe.cluster is not None else None
     return Prepared(cfg, comm, device, student, teacher, model, recipe, opt, sched, stream, builder, step,
                     len(train_index), len(dataset), n_cls)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints: one file in the one-process layout, whatever the world size
-
-
-def _centre_index(p: Prepared) -> int | None:
-    if p.recipe.cluster is None:
-        return None
-    params = [q for g in p.optimizer.param_groups for q in g["params"]]
-    return next(i for i, q in enumerate(params) if q is p.recipe.cluster.centres)
-
-
-def _full_state(p: Prepared) -> tuple[dict, dict] | None:
-    """(recipe, optimizer) state dicts with the sharded centres and their AdamW moments gathered (rank 0; None on
-    the others). Collective: every rank calls it."""
-    rsd, osd = p.recipe.state_dict(), p.optimizer.state_dict()
-    idx = _centre_index(p)
-    if p.comm.world == 1 or idx is None:
-        return rsd, osd
-    n = p.num_classes
-    key = "cluster.centres"
-    full = p.comm.gather_shards(rsd[key], n)
-    state = dict(osd["state"].get(idx, {}))  # a new dict: the packed state holds the live tensors
-    for k in sorted(state):
-        v = state[k]
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rsd[key].shape[0]:
-            state[k] = p.comm.gather_shards(v, n)
-    if p.comm.rank != 0:
-        return None
-    rsd = {**rsd, key: full}
-    osd = {**osd, "state": {**osd["state"], idx: state}}
-    return rsd, osd
-
-
-def _load_state(p: Prepared, rsd: dict, osd: dict) -> None:
-    idx = _centre_index(p)
-    if idx is not None and p.comm.world > 1:
-        a, b = p.recipe.cluster.start, p.recipe.cluster.stop
-        n = p.num_classes
-        rsd = {**rsd, "cluster.centres": rsd["cluster.centres"][a:b]}
-        state = {k: (v[a:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
-                 for k, v in osd["state"].get(idx, {}).items()}  # fmt: skip
-        osd = {**osd, "state": {**osd["state"], idx: state}}
-    p.recipe.load_state_dict(rsd)
-    p.optimizer.load_state_dict(osd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,12 +305,12 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
 
     p = prepare(cfg, comm)
     model, student, teacher, opt, sched = p.model, p.student, p.teacher, p.optimizer, p.scheduler
-    probe = _ZeroShotProbe(cfg, student) if cfg.eval_every and root else None
+    probe = evaluate.ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples) if cfg.eval_every and root else None
 
     start, lines = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
-        _load_state(p, resume["recipe"], resume["optimizer"])
+        checkpoint.load_state(p.recipe, p.optimizer, resume["recipe"], resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"])
         start, lines = resume["step"], list(resume["metrics"])
@@ -523,7 +356,7 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
 
     def save(step: int) -> None:
         flush()
-        state = _full_state(p)  # collective
+        state = checkpoint.full_state(p.comm, p.recipe, p.optimizer)  # collective
         if root:
             metrics.flush()
             rsd, osd = state

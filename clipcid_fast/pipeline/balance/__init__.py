@@ -7,7 +7,7 @@ embeddings that may be larger than RAM, in one process or under ``torchrun``.
 Modules: ``sources`` (embedding files, ids, normalisation), ``functions`` (the fused op or the reference),
 ``kmeans`` (sampling, k-means, assignment), ``rules`` (the semdedup pass, union-find), ``outputs``
 (manifest, resume, merge, plot), ``stages`` (``run_balance``), ``pseudo_classes`` (``run_cluster``),
-``clipcid_fast.distributed.Comm`` (the gloo group under ``torchrun``); files are written through
+``pipeline.comm.Comm`` (the gloo group under ``torchrun``); files are written through
 ``clipcid_fast.pipeline._io``.
 
 Input
@@ -84,9 +84,11 @@ rows) into N pseudo-classes. Output directory, in the format the cluster-discrim
 * ``cluster.json``: N, D, counts, class size statistics, parameters.
 """
 
+from .command import balance_command, cluster_command
 from .functions import resolve_fns
 from .kmeans import spherical_kmeans
-from .pseudo_classes import run_cluster
+from .outputs import keep_mask_path, load_keep_mask
+from .pseudo_classes import load_pseudo_classes, pseudo_class_paths, run_cluster
 from .rules import TIE_D2, group_representatives, unionfind_groups
 from .sources import EmbeddingSource, normalize_rows
 from .stages import KEEP_OPTIONS, METHODS, SMALL_CLUSTER_FLOPS, intra_op_threads, run_balance
@@ -97,9 +99,15 @@ __all__ = [
     "SMALL_CLUSTER_FLOPS",
     "TIE_D2",
     "EmbeddingSource",
+    "balance_command",
+    "cluster_command",
     "group_representatives",
     "intra_op_threads",
+    "keep_mask_path",
+    "load_keep_mask",
+    "load_pseudo_classes",
     "normalize_rows",
+    "pseudo_class_paths",
     "resolve_fns",
     "run_balance",
     "run_cluster",

@@ -80,6 +80,24 @@ def _label(kind: str, t: float) -> str:
     return f"{kind}{t:g}"
 
 
+def keep_mask_path(out_dir: str, eps: float) -> str:
+    """The keep mask ``run_balance`` writes in ``out_dir`` for threshold ``eps`` (semdedup)."""
+    return os.path.join(out_dir, f"keep_{_label('eps', eps)}.npy")
+
+
+def load_keep_mask(out_dir: str, eps: float, n_rows: int) -> np.ndarray:
+    """The bool ``[n_rows]`` keep mask of eps ``eps`` in the balance output ``out_dir``, checked to cover the
+    ``n_rows`` rows of the embeddings it is applied to (a ValueError naming the file otherwise)."""
+    mask_path = keep_mask_path(out_dir, eps)
+    if not os.path.isfile(mask_path):
+        have = sorted(f for f in os.listdir(out_dir) if f.startswith("keep_")) if os.path.isdir(out_dir) else []
+        raise ValueError(f"--balance-dir: no {os.path.basename(mask_path)} in {out_dir!r} (has {have})")
+    keep = np.load(mask_path)
+    if keep.shape != (n_rows,):
+        raise ValueError(f"--balance-dir: {mask_path} has {keep.shape[0]} rows, the teacher cache {n_rows}")
+    return keep
+
+
 def merge_outputs(plan, src, ids_arr, out, k, keep, offsets, order_arr, fn_names, plot) -> dict:
     """Stage 5 (rank 0): every batch into the per-row outputs, the keep masks and ids per threshold,
     ``clusters.csv``, ``summary.json`` and the plot; returns the summary."""

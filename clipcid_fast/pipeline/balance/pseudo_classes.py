@@ -1,6 +1,6 @@
 """``run_cluster``: k-means of the kept embeddings into N pseudo-classes for the cluster-discrimination
 loss; labels (and optionally the top-k centres) of every input row, streamed into memory-mapped outputs.
-The file formats are in the package docstring ("Pseudo-classes")."""
+The file formats are in the package docstring ("Pseudo-classes"); ``load_pseudo_classes`` reads them back."""
 
 from __future__ import annotations
 
@@ -122,3 +122,70 @@ def run_cluster(
     }
     atomic_json(p("cluster.json"), meta)
     return meta
+
+
+def pseudo_class_paths(out_dir: str) -> tuple[str, str]:
+    """(labels.npy, centroids.npy) of a ``run_cluster`` output directory."""
+    return os.path.join(out_dir, "labels.npy"), os.path.join(out_dir, "centroids.npy")
+
+
+def load_pseudo_classes(out_dir: str, image) -> tuple[np.ndarray, str]:
+    """(labels [n] int64, centroids path) of the ``run_cluster`` output ``out_dir``, checked against the image
+    embeddings ``image`` [n, D] it must have been clustered from (one ValueError line otherwise): the row count,
+    the width, every label in ``[-1, N)``, every centre finite and non-zero, and the labels those of the nearest
+    centres (``check_labels_fit``)."""
+    labels_path, cent_path = pseudo_class_paths(out_dir)
+    for p in (labels_path, cent_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"--cluster-dir {out_dir!r}: {os.path.basename(p)} is missing")
+    labels = np.load(labels_path)
+    n = len(image)
+    if labels.shape != (n,):
+        raise ValueError(
+            f"--cluster-dir {out_dir!r}: labels.npy has {labels.shape[0]} rows, the teacher cache {n}: "
+            "it was clustered from other embeddings"
+        )
+    check_labels_fit(out_dir, image, labels, cent_path)
+    return labels, cent_path
+
+
+def check_labels_fit(cluster_dir: str, image, labels: np.ndarray, cent_path: str, sample: int = 1024) -> None:
+    """labels.npy and centroids.npy do not say which embeddings they came from, and a cluster run of another cache
+    with the same row count (another teacher, or another corpus of that size) fits every shape check: it trained
+    silently on wrong pseudo-classes. ``run_cluster`` labels every row with its nearest centroid, so on up to
+    ``sample`` labelled rows of these embeddings (evenly spaced) most labels must be the nearest centroid; the cut
+    (90 %) leaves room for near-ties, other embeddings agree by chance (~1/N)."""
+    cent = np.load(cent_path, mmap_mode="r")
+    dim = image.shape[1]
+    if cent.ndim != 2 or cent.shape[1] != dim:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: centroids.npy is {cent.shape}, the teacher cache's D is {dim}"
+        )
+    # the values, once, as they enter: the cluster loss does not scan them every step (check_values=False)
+    bad = np.flatnonzero((labels < -1) | (labels >= cent.shape[0]))
+    if bad.size:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: labels.npy row {bad[0]} is {labels[bad[0]]}, outside [-1, "
+            f"{cent.shape[0]}) (centroids.npy has {cent.shape[0]} rows)"
+        )
+    for s in range(0, cent.shape[0], 65536):
+        block = np.asarray(cent[s : s + 65536], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        broken = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+        if broken.size:
+            raise ValueError(
+                f"--cluster-dir {cluster_dir!r}: centroids.npy row {s + broken[0]} is not finite or has zero norm"
+            )
+    rows = np.flatnonzero(labels >= 0)
+    if rows.size == 0:
+        return
+    rows = rows[np.linspace(0, rows.size - 1, min(sample, rows.size)).round().astype(np.int64)]
+    c = np.asarray(cent, dtype=np.float32)
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)  # cosine, as run_cluster assigns
+    nearest = (np.asarray(image[rows], dtype=np.float32) @ c.T).argmax(axis=1)
+    agree = float(np.mean(nearest == labels[rows]))
+    if agree < 0.9:
+        raise ValueError(
+            f"--cluster-dir {cluster_dir!r}: labels.npy does not match the teacher cache (only {agree:.0%} of "
+            f"{rows.size} sampled rows carry their nearest centroid's label): it was clustered from other embeddings"
+        )

@@ -5,7 +5,7 @@
   ``masked_max_similarity`` if it imports, else ``reference.masked_max_similarity``). Row j is removed
   for threshold eps when ``M_j > 1 − eps`` (compared in float32, exactly as ``reference.semdedup_keep``),
   so every eps comes from the same pass; earlier rows count whether kept or not (SemDeDup's rule).
-* ``method="unionfind"`` (CLIP-CID's variant, ``shared/seeds-math.md`` §1; a reconstruction): rows i, j
+* ``method="unionfind"`` (CLIP-CID's variant; a reconstruction): rows i, j
   of one cluster are linked when ``‖x_i − x_j‖ < delta``; for unit vectors ``‖a − b‖² = 2 − 2 cos``, so
   the test is ``cos > 1 − delta²/2``. Links are joined by union-find into groups (connected components)
   and one representative per group is kept: the member nearest the group's mean (squared distances

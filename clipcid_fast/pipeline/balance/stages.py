@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...distributed import Comm, run_stage
 from .._io import atomic_json, atomic_npy, atomic_npz
+from ..comm import Comm, run_stage
 from .functions import resolve_fns
 from .kmeans import assign_block, spherical_kmeans
 from .outputs import finished_clusters, load_timings, merge_outputs, prepare_run_dir, run_manifest

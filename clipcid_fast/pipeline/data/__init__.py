@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ._common import collate
 from .csv_source import CsvDataset
-from .export import export_corpus
+from .export import export_command, export_corpus
 from .fashion_mnist import CLASS_NAMES, TEMPLATES, FashionMnistCorpus, FashionMnistDataset, fashion_mnist_arrays
 from .wds_source import WebDatasetSource
 
@@ -32,6 +32,7 @@ __all__ = [
     "build_dataset",
     "class_names",
     "collate",
+    "export_command",
     "export_corpus",
     "fashion_mnist_arrays",
     "templates",

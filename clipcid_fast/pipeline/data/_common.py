@@ -46,10 +46,6 @@ class TokenMemo:
         return row
 
 
-def make_item(image: torch.Tensor, text: torch.Tensor, sample_id: int, caption: str, label: int) -> dict:
-    return {"image": image, "text": text, "id": int(sample_id), "caption": caption, "label": int(label)}
-
-
 def collate(items: Sequence[dict]) -> dict:
     """Stack a list of items into a batch: image [B,3,H,W], text [B,L], id / label int64 [B], caption list[str]."""
     if not items:

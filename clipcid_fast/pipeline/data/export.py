@@ -105,3 +105,21 @@ def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, li
     manifest["manifest"] = manifest_path
     atomic_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), durable=True)
     return manifest
+
+
+def export_command(cfg) -> None:
+    """``clipcid-fast export-data``: ``export_corpus`` of an ``ExportConfig``, its resolved config beside the files."""
+    import time
+
+    from ..config import write_config
+
+    t0 = time.perf_counter()
+    formats = tuple(f.strip() for f in cfg.formats.split(",") if f.strip())
+    manifest = export_corpus(cfg.data, cfg.out_dir, formats=formats, shard_size=cfg.shard_size, limit=cfg.limit)
+    write_config(cfg, cfg.out_dir, "export_config.yaml")
+    wrong = manifest.get("num_wrong_captions")
+    print(f"exported {manifest.get('num_samples')} samples ({wrong} captions naming another class) to {cfg.out_dir}:")
+    for key in ("csv", "wds"):
+        if key in manifest:
+            print(f"  {key}: {manifest[key]}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -1,7 +1,7 @@
 """The offline default source: Fashion-MNIST (Debian package ``dataset-fashion-mnist``) with class captions.
 
 Each 28×28 grey image is paired with a caption ``template.format(class name)``. Three corpora model the regime
-in which distillation pays (shared/calibration.md):
+in which distillation pays:
 
 - ``teacher``: the clean 60k train split, ids 0..59999 (an id is the image's index in the train split);
 - ``student``: a seeded subset of ``student_samples`` train images (ids are their train indices, so a teacher
