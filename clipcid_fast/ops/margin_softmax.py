@@ -25,9 +25,10 @@ Faces:
   the tiles-outer form takes the forward's lse and skips its own). fp32 / bf16 storage, fp32 math; a NaN
   input gives a NaN lse (and loss).
 * Triton (``margin_triton.py``; GPU, or CPU tensors under ``TRITON_INTERPRET=1``): a forward kernel over
-  row blocks, and backward kernels over row blocks (dx) and class blocks (dW), so no two programs write one
-  row. Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B)
-  and are computed here with the reference's own ``combined_margin``.
+  (row block, class split), the splits combined by log-sum-exp, and backward kernels over (row block, class
+  split) for dx and class blocks for dW, so no two programs write one row; 16-bit inputs on tensor cores.
+  Offsets are int64 (N = 10M rows of W overflow int32). The target cosine, ψ and dψ/dc are O(B) and are
+  computed here with the reference's own ``combined_margin``.
 * the reference (float64 and float16 on CPU, and the fallback).
 
 Extra memory beyond the inputs and the returned gradients, never O(B·N): C++ R·N (≤ 384 MB while N ≤ 3M,
@@ -35,7 +36,9 @@ Extra memory beyond the inputs and the returned gradients, never O(B·N): C++ R�
 centres), O(B·D + N) floats for the tiles-outer form, ≤ 64 MB of tile slots without gradients; at B = 1024, N = 1M,
 D = 512: 385 MB for fp32 centres, 16 MB for bf16 (2433 MB with the fp32 [N, D] accumulator;
 ``benchmarks/bench_cluster_module.py``). Triton O(B·D + N) floats forward and backward: its backward kernels
-finish the gradients through the normalisations themselves and write them once in the inputs' dtypes.
+finish the gradients through the normalisations themselves and write them once in the inputs' dtypes; with
+several class splits (few rows: the splits fill the GPU), dx first keeps fp32 partial sums of S·B·D floats,
+where S·B ≈ 128 rows per SM (about 35 MB at D = 512 on an H100, whatever B is).
 """
 
 from __future__ import annotations

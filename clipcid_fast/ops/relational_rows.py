@@ -9,8 +9,9 @@ The row direction is ``relational_rows_loss(q_s, k_s, β, q_t, k_t, α)``, the c
 
 Faces: the C++ CPU kernel (``csrc/cpu/relational_rows.cpp``: one pass of fp32 GEMM tiles with online
 softmax states forward, recomputation from the saved log-sum-exps backward), Triton kernels
-(``relational_triton.py``: forward and backward; each direction is one launch, so on a GPU the column
-direction recomputes the tiles), and the reference. Only O(R + C) statistics are saved for backward.
+(``relational_triton.py``: forward and backward, both directions in one launch, each direction's programs
+making their own tiles; 16-bit inputs on tensor cores; the distill op is one soft pass carrying the hard
+terms), and the reference. Only O(R + C) statistics are saved for backward.
 
 Gradients flow to ``q_s``, ``k_s`` and ``scale_s`` only. **The teacher (q_t, k_t, scale_t) gets no
 gradient**: the KD losses detach it and open_clip's teacher never requires grad; the public function
@@ -193,7 +194,8 @@ relational_rows_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _split_fwd(fwd, q_s, k_s, scale_s, q_t, k_t, scale_t, kind):
-    """A distill forward from two relational_rows forwards (hard, then soft): reference and Triton."""
+    """A distill forward from two relational_rows forwards (hard, then soft): the reference's (the Triton
+    backend fuses both into one soft pass)."""
     hr, hc, _, _ = fwd(q_s, k_s, scale_s, None, None, None, "ce", 0, True, True)
     sr, sc, st_r, st_c = fwd(q_s, k_s, scale_s, q_t, k_t, scale_t, kind, 0, True, True)
     return hr, hc, sr, sc, st_r, st_c
