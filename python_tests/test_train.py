@@ -675,6 +675,58 @@ def check_kill_and_resume(recipe: str, run: dict, full: TrainConfig, capsys) -> 
         assert b"eval_zeroshot_top1" in want
 
 
+def test_a_signal_checkpoints_its_step_and_the_resume_is_bit_identical(assets, tmp_path, monkeypatch, capsys):
+    """SIGTERM, SIGINT and SIGUSR1, each delivered to the process during a seeded random step k that is not a
+    checkpoint step: the run finishes step k, writes a checkpoint of it, prints one line and exits with 128 + the
+    signal number; resumed, it ends exactly where an uninterrupted run ends (student.pt, the checkpoint's model,
+    recipe, optimizer, scheduler and metrics bitwise, metrics.jsonl byte for byte)."""
+    full = kill_cfg(assets, tmp_path / "full", "baseline")
+    train.run_train(full)
+    real_prepare = train.prepare
+    for i, sig in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+        steps = [k for k in range(1, KILL_STEPS - 1) if (k + 1) % KILL_CKPT_EVERY]
+        k = int(np.random.default_rng([20261207, i]).choice(steps))  # 0-based: the step the signal arrives in
+
+        def prepare(cfg, comm=None, k=k, sig=sig):
+            p = real_prepare(cfg, comm)
+            calls = iter(range(KILL_STEPS))
+
+            def step(batch):
+                if next(calls) == k:
+                    os.kill(os.getpid(), sig)  # delivered now, in the middle of the step
+                return p.step(batch)
+
+            return dataclasses.replace(p, step=step)
+
+        cut = kill_cfg(assets, tmp_path / signal.Signals(sig).name, "baseline")
+        handler_before = signal.getsignal(sig)
+        monkeypatch.setattr(train, "prepare", prepare)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            train.run_train(cut)
+        monkeypatch.setattr(train, "prepare", real_prepare)
+        assert info.value.code == 128 + sig
+        out = capsys.readouterr().out
+        assert f"stopped at step {k + 1} by {signal.Signals(sig).name}; resume with --resume" in out
+        assert latest(cut)["step"] == k + 1
+        assert count_lines(os.path.join(cut.out_dir, "metrics.jsonl")) == k + 1
+        assert not os.path.exists(os.path.join(cut.out_dir, "student.pt"))
+        assert signal.getsignal(sig) == handler_before  # the run's handler is gone with the run
+
+        train.run_train(dataclasses.replace(cut, resume=True))
+        a = torch.load(os.path.join(full.out_dir, "student.pt"), weights_only=True)
+        b = torch.load(os.path.join(cut.out_dir, "student.pt"), weights_only=True)
+        assert_same_tensors(a, b, f"{signal.Signals(sig).name}: student.pt")
+        ca, cb = latest(full), latest(cut)
+        for key in ("model", "recipe", "optimizer", "scheduler", "metrics"):
+            assert_same_tensors(ca[key], cb[key], f"{signal.Signals(sig).name}: latest.pt[{key!r}]")
+        with (
+            open(os.path.join(full.out_dir, "metrics.jsonl"), "rb") as f,
+            open(os.path.join(cut.out_dir, "metrics.jsonl"), "rb") as g,
+        ):
+            assert f.read() == g.read()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. bad input: one clear error, nothing overwritten
 

@@ -87,6 +87,14 @@ class Comm:
         collective(flat)
         torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
 
+    def max(self, value: float) -> float:
+        """The largest of every rank's ``value``: one all-reduce of one number on the host (gloo) group."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t)
+
     def sum(self, t: Tensor) -> Tensor:
         if self.world == 1:
             return t

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..recipes import RECIPES as TABLE
 from ..recipes import Recipe
-from . import checkpoint, data, embed, evaluate, models
+from . import checkpoint, data, embed, evaluate, models, preempt
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
 from .comm import Comm, local_rank, run_stage
@@ -364,10 +364,8 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
                             optimizer=osd, scheduler=sched.state_dict(), step=step, metrics=lines,
                             config=cfg_dict)  # fmt: skip
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.recipe}", disable=not (cfg.progress and root),
-               unit="step")  # fmt: skip
-    t0, seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
+    def _one_step(step: int) -> None:
+        nonlocal seen
         batch = p.batch(step)
         lr = opt.param_groups[0]["lr"]  # the step's learning rate (the schedule advances inside the step)
         values = p.step(batch)
@@ -381,6 +379,25 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
             flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.recipe}", disable=not (cfg.progress and root),
+               unit="step")  # fmt: skip
+    t0, seen = time.perf_counter(), 0
+    with preempt.Preemption() as signals:
+        for step in range(start, cfg.steps):
+            _one_step(step)
+            stop_by = signals.requested(comm)
+            if stop_by and step + 1 < cfg.steps:  # preempted: checkpoint this step, say how to go on, exit
+                if (step + 1) % cfg.ckpt_every:
+                    save(step + 1)
+                bar.close()
+                if metrics is not None:
+                    metrics.close()
+                comm.barrier()
+                if root:
+                    print(f"stopped at step {step + 1} by {preempt.name(stop_by)}; resume with --resume "
+                          f"(checkpoint {ckpt_path})", flush=True)  # fmt: skip
+                raise SystemExit(preempt.exit_code(stop_by))
     flush()
     bar.close()
     if metrics is not None:
