@@ -89,7 +89,7 @@ def test_interpreter_widens_16_bit_tiles():
     if not _triton.interpreting():
         pytest.skip("runs under TRITON_INTERPRET=1 (the CPU test session)")
     tg = _triton.target(torch.empty(1, dtype=torch.bfloat16))
-    assert tg.upcast and tg.interpreter
+    assert tg.upcast and tg.capability is None
 
 
 def _programs(launch):

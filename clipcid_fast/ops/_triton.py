@@ -58,10 +58,6 @@ class Target:
     sms: int = 1  # streaming multiprocessors: what grids are sized for (1 under the interpreter: small grids)
 
     @property
-    def interpreter(self) -> bool:
-        return self.capability is None
-
-    @property
     def upcast(self) -> bool:
         """True: widen 16-bit tiles to fp32 before ``tl.dot`` (only the interpreter needs it)."""
         return self.capability is None

@@ -15,10 +15,10 @@ shared memory inside an A100 / H100 block):
 
 * logit tiles are made over the reduction dimension in ``k_slice(dtype)`` slices (64 columns of 16-bit, 16 of
   fp32), software-pipelined by Triton for 16-bit operands (``stages``);
-* gradient accumulators ([rows, D], fp32) stay in registers as up to ``N_ACC`` static slices of ``D_SLICE``
-  columns, so one program owns whole rows of the gradient up to D = 512 and makes each logit tile once; wider
-  D is split over a second grid axis (each chunk remaking the logits). Registers, not the accumulators, are
-  the limit: every loaded tile carries a 64-bit pointer per element, so wider slices or streamed tiles spill;
+* gradient accumulators ([rows, D], fp32) stay in registers as up to ``N_ACC`` static slices of 128 columns
+  (``grad_plan``), so one program owns whole rows of the gradient up to D = 1024 and makes each logit tile once;
+  wider D is split over a second grid axis (each chunk remaking the logits). Registers, not the accumulators,
+  are the limit: every loaded tile carries a 64-bit pointer per element, so wider slices or streamed tiles spill;
 * every dimension handed to ``tl.dot`` is ≥ 16 (Triton's minimum) and a power of two.
 
 Offsets are int64 wherever a row index is multiplied by a stride (callers pass int64 row / column vectors).
@@ -32,6 +32,8 @@ from ._triton import jit, tl
 ROWS_MAX = 64  # rows of A / columns of B per logit tile
 N_ACC = 8  # accumulator slices one program may hold (``grad_plan``)
 GRAD_WARPS = 8
+GRAD_STREAM = 16  # the streamed side of a backward tile (the other side's rows): 32 or 64 spill
+FWD_WARPS = 8  # a [64, 64] fp32 logit tile with its online softmax (two, with a teacher): 4 warps spill
 
 
 def block(n: int, cap: int) -> int:
@@ -67,6 +69,11 @@ def grad_plan(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     n = min(N_ACC, -(-D // do))
     rows = 32 if dtype != torch.float32 and n * do <= 512 else 16
     return do, n, -(-D // (do * n)), rows
+
+
+def tile_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel's dot tiles hold: the inputs' when they agree, else fp32 (mixed inputs are widened)."""
+    return a.dtype if a.dtype == b.dtype else torch.float32
 
 
 def row_block(n: int, dtype: torch.dtype) -> int:
@@ -131,12 +138,13 @@ def grad_dot(acc, g, b_ptr, o_ptr, idx, imask, stride, d0, D, BLOCK_DO: tl.const
     (see ``operand``); otherwise (fp32, or mixed dtypes) fp32 at ``PREC``."""
     dofs = d0 + tl.arange(0, BLOCK_DO).to(tl.int64)
     b = tl.load(b_ptr + idx[:, None] * stride + dofs[None, :], mask=imask[:, None] & (dofs < D)[None, :], other=0.0)
+    b = b.to(tl.float32)
     if TRANS:
         g = tl.trans(g)
     if b_ptr.dtype.element_ty == o_ptr.dtype.element_ty and b_ptr.dtype.element_ty != tl.float32:
-        acc = tl.dot(g, b.to(tl.float32), acc, input_precision="tf32")
+        acc = tl.dot(g, b, acc, input_precision="tf32")
     else:
-        acc = tl.dot(g, b.to(tl.float32), acc, input_precision=PREC)
+        acc = tl.dot(g, b, acc, input_precision=PREC)
     return acc
 
 

@@ -22,6 +22,8 @@ import torch
 
 from ._triton import jit, launch, launch_on, target, tl, triton
 from ._triton_tiles import (
+    FWD_WARPS,
+    GRAD_STREAM,
     GRAD_WARPS,
     ROWS_MAX,
     acc_init,
@@ -35,13 +37,12 @@ from ._triton_tiles import (
     row_block,
     stages,
     store_rows,
+    tile_dtype,
 )
 
 # Sizes are not specialised on (see relational_triton.py); strides are.
 _SIZES = ("B", "N", "D", "N_PER")
 PROGRAMS_PER_SM = 4  # class splits are chosen so that the forward / dx grids reach this many programs per SM
-FWD_WARPS = 8  # a [64, 64] fp32 logit tile with its online softmax: 4 warps spill
-GRAD_TILE = 16  # the streamed side of a backward tile (classes for dx, rows of x for dW): wider tiles spill
 
 
 @jit
@@ -110,7 +111,9 @@ def _ms_fwd_kernel(
 
 
 @jit
-def _dx_finish(gx_ptr, x_ptr, acc, ix, proj, rows, rmask, s_x, d0, D, BLOCK_DO: tl.constexpr, FINISH: tl.constexpr):
+def _through_norm_slice(
+    gx_ptr, x_ptr, acc, ix, proj, rows, rmask, s_x, d0, D, BLOCK_DO: tl.constexpr, FINISH: tl.constexpr
+):
     """One D slice of dx: finished through the normalisation, gx = (dX_hat − x·ix·proj)·ix, in x's dtype; or
     (not FINISH: several class splits) the raw partial dX_hat in fp32, added up outside."""
     if FINISH:
@@ -124,22 +127,22 @@ def _dx_finish(gx_ptr, x_ptr, acc, ix, proj, rows, rmask, s_x, d0, D, BLOCK_DO: 
 @jit
 def _finish_slices(out_ptr, a_ptr, a0, a1, a2, a3, a4, a5, a6, a7, inv, proj, rows, rmask, s_a, d0, D,
                    BLOCK_DO: tl.constexpr, N_ACC: tl.constexpr, FINISH: tl.constexpr):  # fmt: skip
-    """``_dx_finish`` of each of the first N_ACC slices (columns d0 + i·BLOCK_DO)."""
-    _dx_finish(out_ptr, a_ptr, a0, inv, proj, rows, rmask, s_a, d0, D, BLOCK_DO, FINISH)
+    """``_through_norm_slice`` of each of the first N_ACC slices (columns d0 + i·BLOCK_DO)."""
+    _through_norm_slice(out_ptr, a_ptr, a0, inv, proj, rows, rmask, s_a, d0, D, BLOCK_DO, FINISH)
     if N_ACC > 1:
-        _dx_finish(out_ptr, a_ptr, a1, inv, proj, rows, rmask, s_a, d0 + 1 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a1, inv, proj, rows, rmask, s_a, d0 + 1 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 2:
-        _dx_finish(out_ptr, a_ptr, a2, inv, proj, rows, rmask, s_a, d0 + 2 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a2, inv, proj, rows, rmask, s_a, d0 + 2 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 3:
-        _dx_finish(out_ptr, a_ptr, a3, inv, proj, rows, rmask, s_a, d0 + 3 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a3, inv, proj, rows, rmask, s_a, d0 + 3 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 4:
-        _dx_finish(out_ptr, a_ptr, a4, inv, proj, rows, rmask, s_a, d0 + 4 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a4, inv, proj, rows, rmask, s_a, d0 + 4 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 5:
-        _dx_finish(out_ptr, a_ptr, a5, inv, proj, rows, rmask, s_a, d0 + 5 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a5, inv, proj, rows, rmask, s_a, d0 + 5 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 6:
-        _dx_finish(out_ptr, a_ptr, a6, inv, proj, rows, rmask, s_a, d0 + 6 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a6, inv, proj, rows, rmask, s_a, d0 + 6 * BLOCK_DO, D, BLOCK_DO, FINISH)
     if N_ACC > 7:
-        _dx_finish(out_ptr, a_ptr, a7, inv, proj, rows, rmask, s_a, d0 + 7 * BLOCK_DO, D, BLOCK_DO, FINISH)
+        _through_norm_slice(out_ptr, a_ptr, a7, inv, proj, rows, rmask, s_a, d0 + 7 * BLOCK_DO, D, BLOCK_DO, FINISH)
 
 
 @jit(do_not_specialize=_SIZES)
@@ -239,15 +242,16 @@ def triton_lse(x, w, labels, ix, iw, tgt, scale):
     N = w.shape[0]
     if B == 0 or N == 0:
         return torch.full((B,), float("-inf"), dtype=torch.float32, device=x.device)
-    bb, bn = row_block(B, x.dtype if x.dtype == w.dtype else torch.float32), ROWS_MAX
+    dt = tile_dtype(x, w)
+    bb, bn = row_block(B, dt), ROWS_MAX
     nb = triton.cdiv(B, bb)
     splits, n_per = _splits(x, nb, N, bn)
     part = torch.empty(splits, B, dtype=torch.float32, device=x.device)
     with launch_on(x):
         launch(
             _ms_fwd_kernel, (nb, splits), x, w, ix, iw, labels, tgt, part, B, N, D, x.stride(0), w.stride(0),
-            scale, n_per, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=k_slice(x.dtype, D),
-            num_warps=FWD_WARPS, num_stages=stages(x.dtype), maxnreg=fwd_maxnreg(x.dtype), **_path(x, w),
+            scale, n_per, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=k_slice(dt, D),
+            num_warps=FWD_WARPS, num_stages=stages(dt), maxnreg=fwd_maxnreg(dt), **_path(x, w),
         )  # fmt: skip
     return part[0] if splits == 1 else torch.logsumexp(part, 0)
 
@@ -259,12 +263,13 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
     ``row_args`` = (ix, iw, labels, tgt, lse, g_lse, g_target, dψ/dc), each contiguous."""
     B, D = x.shape
     N = w.shape[0]
-    do, n_acc, chunks, rows_max = grad_plan(D, x.dtype if x.dtype == w.dtype else torch.float32)
-    bk = k_slice(x.dtype, D)
+    dt = tile_dtype(x, w)
+    do, n_acc, chunks, rows_max = grad_plan(D, dt)
+    bk = k_slice(dt, D)
     gx = x.new_empty(0)
     gw = w.new_empty(0)
     if need_x:
-        gx = _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max)
+        gx = _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max, dt)
     if need_w:
         gw = (torch.empty if B > 0 else torch.zeros)(N, D, dtype=w.dtype, device=w.device)
         if B > 0 and N > 0:
@@ -272,18 +277,18 @@ def triton_grads(x, w, row_args, scale, need_x, need_w):
             with launch_on(x):
                 launch(
                     _ms_bwd_dw_kernel, (triton.cdiv(N, bn), chunks), x, w, *row_args, gw, B, N, D,
-                    x.stride(0), w.stride(0), scale, BLOCK_B=block(B, GRAD_TILE), BLOCK_N=bn, BLOCK_K=bk,
-                    BLOCK_DO=do, N_ACC=n_acc, num_warps=GRAD_WARPS, num_stages=stages(x.dtype), **_path(x, w),
+                    x.stride(0), w.stride(0), scale, BLOCK_B=block(B, GRAD_STREAM), BLOCK_N=bn, BLOCK_K=bk,
+                    BLOCK_DO=do, N_ACC=n_acc, num_warps=GRAD_WARPS, num_stages=stages(dt), **_path(x, w),
                 )  # fmt: skip
     return gx, gw
 
 
-def _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max):
+def _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max, dt):
     """grad_x: one launch over (row blocks, class splits, D chunks); with several splits the fp32 partial sums
     of dX_hat and of the projection coefficient are added here and finished through x's normalisation."""
     if B == 0 or N == 0:
         return torch.zeros(B, D, dtype=x.dtype, device=x.device)
-    bb, bn = block(B, rows_max), GRAD_TILE
+    bb, bn = block(B, rows_max), GRAD_STREAM
     nb = triton.cdiv(B, bb)
     splits, n_per = _splits(x, nb * chunks, N, bn)
     finish = splits == 1
@@ -293,7 +298,7 @@ def _grad_x(x, w, row_args, scale, B, N, D, do, n_acc, chunks, bk, rows_max):
         launch(
             _ms_bwd_dx_kernel, (nb, splits, chunks), x, w, *row_args, gx, proj, B, N, D, x.stride(0), w.stride(0),
             scale, n_per, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=do, N_ACC=n_acc, FINISH=finish,
-            num_warps=GRAD_WARPS, num_stages=stages(x.dtype), **_path(x, w),
+            num_warps=GRAD_WARPS, num_stages=stages(dt), **_path(x, w),
         )  # fmt: skip
     if finish:
         return gx

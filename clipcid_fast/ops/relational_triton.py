@@ -20,6 +20,8 @@ from torch import Tensor
 
 from ._triton import jit, launch, launch_on, target, tl, triton
 from ._triton_tiles import (
+    FWD_WARPS,
+    GRAD_STREAM,
     GRAD_WARPS,
     ROWS_MAX,
     acc_init,
@@ -39,8 +41,6 @@ from ._triton_tiles import (
 # a test run or a benchmark sweep compiles a handful of variants, not one per shape. Strides still are
 # (aligned vector loads).
 _SIZES = ("R", "C", "D", "DT", "off", "NB_R")
-FWD_WARPS = 8  # two [64, 64] fp32 logit tiles and their softmax temporaries: 4 warps spill
-GRAD_COLS = 16  # columns of the other side per backward tile (32 or 64 spill at D_SLICE = 128)
 
 
 @jit
@@ -336,7 +336,7 @@ def triton_bwd(g_r, g_c, q_s, k_s, scale_s, q_t, k_t, scale_t, s_r, s_c, off, ro
                 _rel_bwd_kernel, grid, q_s, k_s, q_t, k_t, beta, alpha, g_r, g_c, h_r, h_c, s_r, s_c, dq, dk, dscale,
                 R, C, D, DT, off, q_s.stride(0), k_s.stride(0), q_t.stride(0), k_t.stride(0), nb_r,
                 SOFT=soft, HARD=hard is not None and soft, HAS_R=bool(rows), HAS_C=bool(cols),
-                BLOCK_R=br, BLOCK_C=block(n, GRAD_COLS), BLOCK_DO=do, N_ACC=n_acc,
+                BLOCK_R=br, BLOCK_C=block(n, GRAD_STREAM), BLOCK_DO=do, N_ACC=n_acc,
                 num_warps=_bwd_warps(q_s), num_stages=stages(q_s.dtype), **meta,
             )  # fmt: skip
     dscale = dscale.sum().reshape(scale_s.shape).to(scale_s.dtype)
