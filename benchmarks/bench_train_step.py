@@ -86,7 +86,7 @@ from benchmarks._harness import (
     timed_row,
 )
 from benchmarks.memory_fit import LIMIT_MB, choose_fit, fit_memory, fit_txt, predict_mb, solve_batch
-from benchmarks.train_step_plot import PROVIDER_LETTER, PROVIDERS, RECIPES, make_plot
+from benchmarks.train_step_plot import PROVIDER_LETTER, PROVIDERS, RECIPES, SWITCHED, make_plot
 from benchmarks.train_step_plot import number as _f
 from benchmarks.train_step_plot import parse_note as _parse_note
 
@@ -222,7 +222,7 @@ def build_assets(pair: str, work_dir: str | os.PathLike, *, progress: bool = Fal
 # (a), (b): the trainer's step
 
 
-def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int = 1):
+def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int = 1, **switches):
     from clipcid_fast.pipeline.config import DataConfig, ModelConfig, TrainConfig
     from clipcid_fast.recipes import RECIPES as TABLE
 
@@ -249,6 +249,7 @@ def train_config(assets: Assets, recipe: str, impl: str, batch: int, accum: int 
         seed=SEED,
         data=DataConfig(**assets.data),
         models=ModelConfig(**assets.models),
+        **switches,
     )
 
 
@@ -449,8 +450,10 @@ def make_step(provider: str, assets: Assets, recipe: str, batch: int, *, accum: 
         if recipe != "distill" or accum != 1:
             raise ValueError("open_clip_train: only the distill recipe, at accum_freq 1 (its main() asserts it)")
         return OpenClipTrainStep(assets, batch, device, report=report)
-    impl = {"fused": "auto", "reference": "reference"}[provider]
-    return TrainerStep(train_config(assets, recipe, impl, batch, accum), report=report, keep_teacher=keep_teacher)
+    impl = "reference" if provider == "reference" else "auto"
+    switches = {"grad_checkpointing": provider == "fused+gc", "torchcompile": provider == "fused+compile"}
+    return TrainerStep(train_config(assets, recipe, impl, batch, accum, **switches), report=report,
+                       keep_teacher=keep_teacher)  # fmt: skip
 
 
 def step_factory(*, provider: str, assets: dict, recipe: str, batch: int, accum: int = 1, device: str = "cpu",
@@ -841,7 +844,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(csv=RESULTS / "train_step.csv")
     p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=None,
                    help="model pairs (default: default vit; --quick: tiny)")  # fmt: skip
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS + SWITCHED, default=list(PROVIDERS),
+                   help="fused+gc / fused+compile: (a) with --grad-checkpointing / --torchcompile (not by default)")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=None, help="(a)/(b) recipes (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="override the step rows' batch sizes")
     p.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench_train_step"),

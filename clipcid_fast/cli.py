@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd in STAGES:
         try:
             _run_stage(args.cmd, args)
-        except ValueError as e:
-            parser.error(str(e))
+        except ValueError as e:  # bad input found while running: its one line, exit 2, no usage block
+            print(f"clipcid-fast {args.cmd}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     return 0
 
 

@@ -8,6 +8,7 @@ import gzip
 import itertools
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -564,3 +565,34 @@ def test_fashion_mnist_planted_augmented_copies_are_removed(tmp_path):
     assert (keep[src] | keep[4500 + np.arange(500)]).mean() >= 0.95  # … and usually one survives
     others = np.setdiff1d(np.arange(4500), src)
     assert (~keep[others]).mean() <= 0.03  # few genuine images go
+
+
+@pytest.mark.parametrize("sig, event, count", [(signal.SIGTERM, "batch_start", 1), (signal.SIGINT, "assign_block", 0)])
+def test_a_stop_signal_finishes_the_batch_and_a_rerun_completes(tmp_path, resume_data, capsys, sig, event, count):
+    """SIGTERM during a dedup batch (SIGINT during an assignment block): that batch (block) is written, one line
+    says where it stopped, exit code 128 + signal; the rerun does only the rest and its outputs equal the
+    uninterrupted run's byte for byte."""
+    emb, ref = resume_data
+    out = tmp_path / "o"
+    seen = {"n": 0}
+
+    def hook(ev, **info):
+        if ev == event:
+            if seen["n"] == count:
+                os.kill(os.getpid(), sig)  # arrives inside the stage; the handler only records it
+            seen["n"] += 1
+
+    log = []
+    with pytest.raises(SystemExit) as e:
+        _run(emb, out, invalid="remove", hook=lambda ev, **i: (log.append(ev), hook(ev, **i)), **RESUME_KW)
+    assert e.value.code == 128 + sig
+    where = "dedup batch of clusters" if event == "batch_start" else "assignment block 1 of"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"balance: stopped after {where}") and line.endswith(
+        f"by {signal.Signals(sig).name}; rerun the same command to resume"
+    ), line
+    if event == "batch_start":
+        assert log.count("batch_done") == log.count("batch_start") == count + 1  # the batch in flight finished
+    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # the handler is gone
+    _run(emb, out, invalid="remove", **RESUME_KW)
+    _assert_same_files(ref, out)

@@ -246,3 +246,29 @@ def test_bad_settings_are_named():
         setattr(cfg, field, value)
         with pytest.raises(ValueError, match=f"{field} must be an int >= 1, got {value}"):
             embed.run_embed(cfg)
+
+
+def test_sigterm_finishes_the_shard_and_a_rerun_completes_byte_identical(root, models_cfg, whole, monkeypatch, capsys):
+    """SIGTERM while shard 1 is being encoded: shard 1 is finished and written, one line, exit 143; the rerun reuses
+    shards 0-1 and ends byte-identical to the uninterrupted run."""
+    out = root / "sigterm"
+    cfg = embed_config(out, models_cfg)
+    encode, calls = embed.image_features, {"n": 0}
+    per_shard = cfg.shard_rows // cfg.batch_size
+
+    def encode_and_signal(model, images):
+        if calls["n"] == per_shard:  # the first batch of shard 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls["n"] += 1
+        return encode(model, images)
+
+    monkeypatch.setattr(embed, "image_features", encode_and_signal)
+    with pytest.raises(SystemExit) as e:
+        embed.run_embed(cfg)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "embed: stopped after shard 1 (" in capsys.readouterr().out
+    assert (out / "labels" / "00001.npy").exists() and not (out / "image" / "00002.npy").exists()
+    assert not (out / "embed.json").exists()
+    monkeypatch.setattr(embed, "image_features", encode)
+    embed.run_embed(cfg)
+    assert shard_bytes(out) == shard_bytes(whole[0])

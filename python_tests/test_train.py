@@ -32,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipcid_fast import reference as R
-from clipcid_fast.pipeline import models, train
+from clipcid_fast.pipeline import checkpoint, models, train
 from clipcid_fast.pipeline.balance import run_balance, run_cluster
 from clipcid_fast.pipeline.batches import BatchBuilder, SampleStream
 from clipcid_fast.pipeline.config import (
@@ -323,7 +323,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, scale: float, rtol: floa
 
 
 def latest(cfg: TrainConfig) -> dict:
-    return torch.load(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"), map_location="cpu", weights_only=False)
+    path = checkpoint.newest(os.path.join(cfg.out_dir, "checkpoints"))
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -645,8 +646,8 @@ def check_kill_and_resume(recipe: str, run: dict, full: TrainConfig, capsys) -> 
     assert run["proc"].returncode == -signal.SIGKILL, f"the child was not killed mid-run:\n{child_log}"
     killed_dir = run["cfg"].out_dir
     assert not os.path.exists(os.path.join(killed_dir, "student.pt"))
-    ckpt = os.path.join(killed_dir, "checkpoints", "latest.pt")
-    resumed_from = torch.load(ckpt, weights_only=False)["step"] if os.path.isfile(ckpt) else 0
+    ckpt = checkpoint.newest(os.path.join(killed_dir, "checkpoints"))
+    resumed_from = torch.load(ckpt, weights_only=False)["step"] if ckpt else 0
     lines_at_kill = count_lines(os.path.join(killed_dir, "metrics.jsonl"))
     assert run["k"] <= lines_at_kill < KILL_STEPS  # killed mid-run
     assert KILL_CKPT_EVERY <= resumed_from <= lines_at_kill  # from a checkpoint, with the steps after it to redo
@@ -808,13 +809,14 @@ def test_teacher_cache_of_another_model_or_dataset(assets, tmp_path):
     "change, match",
     [
         ({"resume": True, "lr": 5e-3}, r"another config: lr: 0.002 \(checkpoint\) vs 0.005 \(now\)"),
-        ({"resume": False}, r"already holds a run \(checkpoints/latest.pt\): pass --resume"),
+        ({"resume": False}, r"already holds a run \(checkpoints/\): pass --resume"),
     ],
     ids=["resume-other-lr", "no-resume"],
 )
 def test_existing_run_is_never_overwritten(change, match, finished_run):
     before = all_bytes(finished_run.out_dir)
-    assert {"checkpoints/latest.pt", "metrics.jsonl", "student.pt", "config.yaml"} <= set(before)
+    assert {"metrics.jsonl", "student.pt", "config.yaml"} <= set(before)
+    assert any(k.startswith("checkpoints/step-") for k in before)
     raises_one_line(ValueError, match, train.run_train, dataclasses.replace(finished_run, **change))
     assert all_bytes(finished_run.out_dir) == before
 
@@ -823,7 +825,7 @@ def test_nan_weight_stops_at_step_one_with_the_terms(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run", "kd", weights=RecipeWeights(fd_weight=float("nan")))
     msg = raises_one_line(FloatingPointError, r"non-finite loss at step 1: ", train.run_train, cfg)
     assert "'fd_loss': nan" in msg and "'task_loss': " in msg and "'crd_loss': " in msg
-    assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"))
+    assert checkpoint.newest(os.path.join(cfg.out_dir, "checkpoints")) is None
     assert not os.path.exists(os.path.join(cfg.out_dir, "student.pt"))
 
 
@@ -831,7 +833,7 @@ def test_nan_midway_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch
     """A batch that turns the loss to NaN at step 3 (checkpoints every 2 steps): the run stops naming step 3 and its
     terms, latest.pt is byte for byte the step-2 one, and no student.pt is written."""
     cfg = make_cfg(assets, tmp_path / "run", "rd", steps=6, ckpt_every=2)
-    ckpt = os.path.join(cfg.out_dir, "checkpoints", "latest.pt")
+    ckpt = checkpoint.path_of(os.path.join(cfg.out_dir, "checkpoints"), 2)
     snapshot = {}
 
     class Poisoned(BatchBuilder):

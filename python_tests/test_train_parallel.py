@@ -26,7 +26,7 @@ import torch
 from _host_sync import why_it_syncs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clipcid_fast.pipeline import models, train
+from clipcid_fast.pipeline import checkpoint, models, train
 from clipcid_fast.pipeline.balance import run_balance, run_cluster
 from clipcid_fast.pipeline.config import RECIPES, DataConfig, EmbedConfig, ModelConfig, TrainConfig, to_yaml
 from clipcid_fast.pipeline.embed import run_embed
@@ -103,7 +103,7 @@ def torchrun(cfg: TrainConfig, nproc: int = 2) -> None:
 def outcome(cfg: TrainConfig) -> dict:
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    ck = torch.load(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"), weights_only=False)
+    ck = torch.load(checkpoint.newest(os.path.join(cfg.out_dir, "checkpoints")), weights_only=False)
     return {"lines": lines, "model": ck["model"], "recipe": ck["recipe"], "opt": ck["optimizer"]["state"]}
 
 
@@ -192,7 +192,7 @@ def test_one_process_checkpoint_resumed_by_two(assets, plain, tmp_path, monkeypa
     with pytest.raises(Killed):
         train.run_train(cfg)
     monkeypatch.setattr(train.checkpoint, "save", real_save)
-    assert torch.load(os.path.join(cfg.out_dir, "checkpoints", "latest.pt"), weights_only=False)["step"] == 2
+    assert torch.load(checkpoint.newest(os.path.join(cfg.out_dir, "checkpoints")), weights_only=False)["step"] == 2
     torchrun(dataclasses.replace(cfg, resume=True))
     assert_same_run(outcome(cfg), plain["cid"], "cid: 1 process to step 2, 2 processes after")
 

@@ -25,5 +25,5 @@ echo "setup: torch (pinned) into $VENV"
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 echo "setup: build tools and clipcid_fast (compiles clipcid_fast._C: about 2 minutes the first time)"
 "${PIP[@]}" setuptools wheel pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 2>&1 | grep -v "is ignored: it is neither" || true
-"${PIP[@]}" --no-build-isolation -e ".[test,bench,balance]" 2>&1 | grep -v "is ignored: it is neither" || true
+"${PIP[@]}" --no-build-isolation -e ".[test,bench,balance,log]" 2>&1 | grep -v "is ignored: it is neither" || true
 "$VENV/bin/python" -m clipcid_fast info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import uuid
@@ -42,12 +43,29 @@ def atomic_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
         f.write(data)
 
 
-def atomic_torch(path: str, obj) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (streamed into the temporary file, no in-memory copy)."""
+class _Hashing:
+    """A write-only file that also feeds every byte to a SHA-256 (torch.save only calls ``write``)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch(path: str, obj) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (streamed into the temporary file, no in-memory copy); returns
+    the SHA-256 (hex) of the bytes written, hashed as they stream."""
     import torch
 
     with _replacing(path) as f:
-        torch.save(obj, f)
+        hashing = _Hashing(f)
+        torch.save(obj, hashing)
+    return hashing.sha.hexdigest()
 
 
 def atomic_npy(path: str, arr: np.ndarray) -> None:

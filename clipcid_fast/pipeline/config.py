@@ -20,7 +20,7 @@ import os
 import typing
 from typing import Any, Optional, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..recipes import RECIPES as _RECIPE_TABLE
@@ -308,7 +308,17 @@ class TrainConfig:
     eval_every: int = dataclasses.field(default=100, metadata=_help("zero-shot eval on the held-out split (0 = off)"))
     eval_samples: int = dataclasses.field(default=2000, metadata=_help("held-out images of the periodic eval"))
     ckpt_every: int = dataclasses.field(default=50, metadata=_help("checkpoint every N steps (and at the end)"))
-    resume: bool = dataclasses.field(default=False, metadata=_help("continue from out_dir's latest checkpoint"))
+    keep_checkpoints: int = dataclasses.field(
+        default=2, metadata=_help("checkpoints kept: the newest N (a corrupt newest one falls back to the previous)")
+    )
+    resume: bool = dataclasses.field(default=False, metadata=_help("continue from out_dir's newest good checkpoint"))
+    report_to: str = dataclasses.field(
+        default="", metadata=_help("also log to: tensorboard, wandb (comma-separated; metrics.jsonl is always written)")
+    )
+    grad_checkpointing: bool = dataclasses.field(
+        default=False, metadata=_help("student: recompute activations in the backward (less memory, more time)")
+    )
+    torchcompile: bool = dataclasses.field(default=False, metadata=_help("student: torch.compile its forward"))
     impl: str = dataclasses.field(default="auto", metadata=_help("loss backend: auto or reference"))
     dedup_captions: bool = dataclasses.field(
         default=True, metadata=_help("encode each distinct caption of a batch once (exact; a no-op on unique captions)")
@@ -426,6 +436,24 @@ def flag_overrides(cls, args: argparse.Namespace) -> dict:
     return tree
 
 
+def _read_yaml(path: str):
+    """The mapping in a ``--config`` file: a YAML syntax error or a top level that is not a mapping is one line naming
+    the file (and the line of the error)."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"--config {path!r}: not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else f"{type(loaded).__name__}"
+        raise ValueError(f"--config {path!r}: the top level must be a mapping of config keys, got {kind}")
+    return loaded
+
+
 def build_config(cls: type[C], yaml_path: str | None = None, overrides: dict | None = None) -> C:
     """defaults ← YAML ← overrides (a nested dict of strings or values), type-checked by OmegaConf."""
     try:
@@ -433,7 +461,7 @@ def build_config(cls: type[C], yaml_path: str | None = None, overrides: dict | N
         if yaml_path:
             if not os.path.isfile(yaml_path):
                 raise ValueError(f"--config: no such file {yaml_path!r}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+            cfg = OmegaConf.merge(cfg, _read_yaml(yaml_path))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
         return OmegaConf.to_object(cfg)

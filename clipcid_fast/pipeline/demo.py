@@ -309,13 +309,16 @@ def train_config(cfg: DemoConfig, layout: Layout, recipe: str, seed: int | None 
 def _finished_run(tcfg: TrainConfig) -> dict | None:
     """The summary of a finished run in ``tcfg.out_dir`` written with this config, else None."""
     from .checkpoint import config_difference
+    from .run_folder import comparable
 
     summary = _read_json(os.path.join(tcfg.out_dir, "summary.json"))
     cfg_path = os.path.join(tcfg.out_dir, "config.yaml")
     if summary is None or not os.path.isfile(cfg_path) or summary.get("final", {}).get("step") != tcfg.steps:
         return None
     saved = OmegaConf.to_container(OmegaConf.load(cfg_path))
-    if config_difference(saved, to_dict(tcfg)):
+    if config_difference(
+        comparable(saved), comparable(to_dict(tcfg)), ignore=(), defaults=comparable(to_dict(TrainConfig()))
+    ):
         return None  # run_train will refuse it with the differences
     return summary
 

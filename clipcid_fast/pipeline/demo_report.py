@@ -139,7 +139,8 @@ def _running_mean(values: list[float], window: int) -> np.ndarray:
 def plot_loss_curves(curves: dict[str, list[dict]], path: str, title: str) -> None:
     """Per recipe: the total loss (log scale), the student's own contrastive term, the periodic zero-shot."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # constrained layout and two-line titles: one-line titles ran into each other at this width
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     for recipe, lines in curves.items():
         steps = [r["step"] for r in lines]
         axes[0].plot(steps, [r["loss"] for r in lines], label=recipe)
@@ -149,10 +150,12 @@ def plot_loss_curves(curves: dict[str, list[dict]], path: str, title: str) -> No
         ev = [(r["step"], r["eval_zeroshot_top1"]) for r in lines if "eval_zeroshot_top1" in r]
         if ev:
             axes[2].plot(*zip(*ev), marker="o", label=recipe)
-    axes[0].set(yscale="log", xlabel="step", ylabel="loss (sum of the recipe's terms)", title="total loss")
-    axes[1].set(xlabel="step", ylabel="CLIP loss of the student",
-                title=f"the student's contrastive term (running mean of {SMOOTH} steps)")  # fmt: skip
-    axes[2].set(xlabel="step", ylabel="top-1", title="zero-shot on held-out images during training")
+    axes[0].set(yscale="log", xlabel="step", ylabel="loss (sum of the recipe's terms)")
+    axes[0].set_title("total loss", fontsize=10)
+    axes[1].set(xlabel="step", ylabel="CLIP loss of the student")
+    axes[1].set_title(f"the student's contrastive term\n(running mean of {SMOOTH} steps)", fontsize=10)
+    axes[2].set(xlabel="step", ylabel="top-1")
+    axes[2].set_title("zero-shot on held-out images\nduring training", fontsize=10)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

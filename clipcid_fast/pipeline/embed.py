@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from . import preempt
 from ._io import atomic_json, atomic_npy, clean_tmp
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
@@ -239,7 +240,10 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
     )
     # A shard is written as soon as it holds all its rows (a webdataset's short last one: when the stream ends).
     shard_size = (lambda k: rows) if iterable else (lambda k: expected[k])
-    embedded = _embed_batches(loaded.model, batches, shard_size, out_dir, cfg, total)
+    try:
+        embedded = _embed_batches(loaded.model, batches, shard_size, out_dir, cfg, total)
+    except preempt.Stopped as e:  # SIGTERM / SIGINT / SIGUSR1: the shards written so far are kept
+        preempt.leave("embed", e)
     seconds, images = embedded["seconds"], embedded["rows"]
 
     shards = _shards_listed(out_dir)
@@ -277,18 +281,25 @@ def _countable(ds) -> bool:
 
 def _embed_batches(model: torch.nn.Module, batches, shard_size, out_dir: str, cfg: EmbedConfig, total: int | None):
     """Encode the batches and write each shard once complete; the rows done and the seconds they took."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     was_training = model.training
     model.eval()
     rows, start = 0, time.perf_counter()
     bar = tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True)
+    signals = preempt.Preemption()
+
+    def check(k: int) -> None:  # after a shard is on disk: the unit a rerun skips
+        if signals.signum:
+            raise preempt.Stopped(signals.signum, f"shard {k} ({rows} rows written by this run)")
+
     try:
-        with torch.inference_mode():
+        with signals, torch.inference_mode():
             current: _ShardBuffer | None = None
             for k, batch in batches:
                 if current is not None and current.k != k:
                     rows += current.write(out_dir, model, cfg.batch_size)
+                    check(current.k)
                     current = None
                 if current is None:
                     current = _ShardBuffer(k)
@@ -296,6 +307,7 @@ def _embed_batches(model: torch.nn.Module, batches, shard_size, out_dir: str, cf
                 if current.rows == shard_size(k):
                     rows += current.write(out_dir, model, cfg.batch_size)
                     current = None
+                    check(k)
                 bar.update(len(batch["caption"]))
                 bar.set_postfix(shard=k, refresh=False)
             if current is not None:

@@ -114,7 +114,7 @@ def _batches(ds, cfg: EvalConfig):
 
 
 def _progress(iterable, cfg: EvalConfig, desc: str, total: int | None):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit="batch", disable=not cfg.progress, dynamic_ncols=True)
 

@@ -46,6 +46,22 @@ class Preemption:
         return int(comm.max(self.signum)) if comm.world > 1 else self.signum
 
 
+class Stopped(Exception):
+    """Raised by a stage at a natural boundary (a written shard, a written batch) after a stop signal: ``where`` says
+    what was finished last. The stage's entry point turns it into :func:`leave`."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        super().__init__(f"stopped after {where} by {name(signum)}")
+        self.signum, self.where = signum, where
+
+
+def leave(stage: str, stopped: Stopped, say: bool = True):
+    """One line (``say``: on rank 0) and exit with 128 + the signal number; a rerun of the same command resumes."""
+    if say:
+        print(f"{stage}: {stopped}; rerun the same command to resume", flush=True)
+    raise SystemExit(exit_code(stopped.signum))
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 

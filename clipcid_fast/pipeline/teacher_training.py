@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig
+from .progress import tqdm
 
 
 def soft_target_clip_loss(img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor, scale: float) -> torch.Tensor:

@@ -17,7 +17,7 @@
    bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position);
 6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
 
-Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/latest.pt``, ``student.pt``
+Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt`` (+ ``.sha256``), ``student.pt``
 (weights + model config: ``clipcid-fast eval --model out_dir/student.pt``), ``summary.json``.
 """
 
@@ -32,15 +32,15 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..recipes import RECIPES as TABLE
 from ..recipes import Recipe
-from . import checkpoint, data, embed, evaluate, models, preempt
+from . import checkpoint, data, embed, evaluate, models, preempt, reporting, run_folder, student_switches
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
 from .batches import BatchBuilder, SampleStream
 from .comm import Comm, local_rank, run_stage
 from .config import RECIPES, TrainConfig, to_dict, write_config
+from .progress import tqdm
 from .step import LOGIT_SCALE_MAX, TrainStep
 
 __all__ = ["LOGIT_SCALE_MAX", "Prepared", "prepare", "run_train"]
@@ -109,11 +109,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def _check(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
-    for name in ("steps", "batch_size", "ckpt_every", "accum_freq"):
+    for name in ("steps", "batch_size", "ckpt_every", "accum_freq", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.grad_clip < 0:
-        raise ValueError(f"--lr must be > 0 and --grad-clip >= 0, got {cfg.lr} and {cfg.grad_clip}")
+    for flag, value, ok, rule in (
+        ("--lr", cfg.lr, cfg.lr > 0, "> 0"),
+        ("--wd", cfg.wd, cfg.wd >= 0, ">= 0"),
+        ("--grad-clip", cfg.grad_clip, cfg.grad_clip >= 0, ">= 0"),
+        ("--eps", cfg.eps, cfg.eps > 0, "> 0"),
+        ("--beta1", cfg.beta1, 0 <= cfg.beta1 < 1, "in [0, 1)"),
+        ("--beta2", cfg.beta2, 0 <= cfg.beta2 < 1, "in [0, 1)"),
+    ):
+        if not (ok and math.isfinite(value)):  # NaN fails every comparison: it is named here, not at step 1
+            raise ValueError(f"{flag} must be finite and {rule}, got {value}")
+    reporting.parse(cfg.report_to)
     if cfg.local_loss and cfg.recipe != "distill":
         raise ValueError(
             f"--local-loss applies to --recipe distill (open_clip's DistillClipLoss); {cfg.recipe}'s losses are over "
@@ -124,6 +133,10 @@ def _check(cfg: TrainConfig, world: int = 1) -> None:
             f"--batch-size {cfg.batch_size} must be a multiple of world size x --accum-freq = {world} x "
             f"{cfg.accum_freq}: every rank's micro-batches have equal size"
         )
+
+
+def _quiet(line: str) -> None:
+    """A ``say`` for the ranks that do not print."""
 
 
 def _local_device() -> torch.device:
@@ -203,6 +216,12 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     if TABLE[cfg.recipe].labels:
         kept_rows, labels, centroids = _cid_inputs(cfg, emb)
         train_index = train_index[np.isin(ds_ids, np.asarray(emb["ids"])[kept_rows])]
+    if cfg.batch_size > len(train_index):  # the stream would repeat rows inside a batch: a sample its own negative
+        kept = " (the rows cid keeps)" if TABLE[cfg.recipe].labels else ""
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(train_index)} training rows{kept}: a batch would "
+            "hold the same sample twice; use a smaller --batch-size"
+        )
     stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
     builder = BatchBuilder(dataset, train_index, cache, labels)
     t_scale = None
@@ -219,6 +238,7 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
                     rank=comm.rank, world_size=comm.world, local_loss=cfg.local_loss,
                     gather_with_grad=cfg.gather_with_grad)  # fmt: skip
     model = student.model.to(device).train()
+    student_switches.apply(model, cfg.grad_checkpointing, cfg.torchcompile, say=print if comm.rank == 0 else _quiet)
     recipe.to(device)
     groups = _student_param_groups(model, cfg.wd) + recipe.param_groups(cfg.wd)
     for g in groups:
@@ -271,28 +291,54 @@ class _Pending:
 def run_train(cfg: TrainConfig) -> dict:
     comm = _comm(_local_device())
     try:
-        return _run(cfg, comm)
+        with contextlib.ExitStack() as held:  # the run folder's lock, taken before the first write
+            return _run(cfg, comm, held)
     finally:
         comm.close()
 
 
-def _run(cfg: TrainConfig, comm: Comm) -> dict:
+def _resume_point(cfg: TrainConfig, cfg_dict: dict, ckpt_dir: str, root: bool) -> dict | None:
+    """The checkpoint a resume continues from (None for a fresh run), after every identity check."""
+    out = cfg.out_dir
+    if checkpoint.newest(ckpt_dir) is None:
+        return None
+    if not cfg.resume:
+        raise ValueError(f"{out!r} already holds a run (checkpoints/): pass --resume, or another --out-dir")
+    got = checkpoint.load_newest(ckpt_dir, say=print if root else lambda line: None)
+    if got is None:
+        return None
+    resume, path = got
+    moved, lines = run_folder.moved_inputs(resume["config"], resume.get("inputs"), cfg_dict)
+    diff = checkpoint.config_difference(
+        run_folder.comparable(resume["config"], moved=tuple(moved)),
+        run_folder.comparable(cfg_dict, moved=tuple(moved)),
+        ignore=(),
+        defaults=run_folder.comparable(to_dict(TrainConfig())),
+    )
+    if diff:
+        raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
+    threads = torch.get_num_threads()
+    if root:
+        for line in lines:
+            print(line)
+        if resume.get("threads", threads) != threads:
+            print(f"warning: {path} was written by a run with {resume['threads']} CPU threads, this one has "
+                  f"{threads}: it continues, but not bit for bit as the uninterrupted run would (CPU reductions "
+                  "split by thread)")  # fmt: skip
+    resume["path"] = path
+    return resume
+
+
+def _run(cfg: TrainConfig, comm: Comm, held: contextlib.ExitStack) -> dict:
     _check(cfg, comm.world)
     root = comm.rank == 0
     out = cfg.out_dir
-    ckpt_path = os.path.join(out, "checkpoints", checkpoint.LATEST)
+    ckpt_dir = os.path.join(out, "checkpoints")
     metrics_path = os.path.join(out, "metrics.jsonl")
     cfg_dict = to_dict(cfg)
-    resume = None
-    if os.path.isfile(ckpt_path):
-        if not cfg.resume:
-            raise ValueError(
-                f"{out!r} already holds a run (checkpoints/latest.pt): pass --resume, or another --out-dir"
-            )
-        resume = checkpoint.load(ckpt_path)
-        diff = checkpoint.config_difference(resume["config"], cfg_dict, defaults=to_dict(TrainConfig()))
-        if diff:
-            raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
+    resume = _resume_point(cfg, cfg_dict, ckpt_dir, root)
+    ckpt_path = resume["path"] if resume is not None else None  # the newest good checkpoint
+    if resume is not None:
         summary_path = os.path.join(out, "summary.json")
         if (
             resume["step"] >= cfg.steps
@@ -307,6 +353,7 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
     model, student, teacher, opt, sched = p.model, p.student, p.teacher, p.optimizer, p.scheduler
     probe = evaluate.ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples) if cfg.eval_every and root else None
 
+    inputs = run_folder.input_fingerprints(cfg_dict) if root else None
     start, lines = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -316,20 +363,24 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
         start, lines = resume["step"], list(resume["metrics"])
         if root:
             print(f"resumed {out} at step {start}")
-    metrics = None
+    metrics = reporters = None
     if root:
-        os.makedirs(out, exist_ok=True)
-        clean_tmp(out, os.path.dirname(ckpt_path))  # a kill during a write leaves only *.tmp-* files
+        held.enter_context(run_folder.RunLock(out))
+        clean_tmp(out, ckpt_dir)  # a kill during a write leaves only *.tmp-* files
         write_config(cfg, out)
         # the metrics file restarts from the checkpoint's lines: lines a killed run wrote after it are redone
         atomic_bytes(metrics_path, "".join(line + "\n" for line in lines).encode())
         metrics = open(metrics_path, "a", buffering=1)  # line-buffered: `tail -f` shows every step
+        reporters = held.enter_context(
+            contextlib.closing(reporting.Reporters(reporting.parse(cfg.report_to), out, cfg_dict, start))
+        )
     pending = _Pending()
 
     def stop(message: str):
         if metrics is not None:
             metrics.close()
-        raise FloatingPointError(f"{message}; the last good checkpoint ({ckpt_path}) is kept")
+        kept = f"the last good checkpoint ({ckpt_path}) is kept" if ckpt_path else "no checkpoint was written"
+        raise FloatingPointError(f"{message}; {kept}")
 
     def flush() -> None:
         """Log the pending step (every rank holds the same values: the NaN check agrees without a collective)."""
@@ -352,17 +403,21 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
         lines.append(line)
         if metrics is not None:
             metrics.write(line + "\n")
-            bar.set_postfix(loss=f"{total:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{total:.3f}", samples_s=f"{rate:.0f}")
+            reporters.log(step, {**record, "samples_per_second": rate})
 
     def save(step: int) -> None:
+        nonlocal ckpt_path
         flush()
         state = checkpoint.full_state(p.comm, p.recipe, p.optimizer)  # collective
         if root:
             metrics.flush()
             rsd, osd = state
-            checkpoint.save(ckpt_path, model=model.state_dict(), model_cfg=student.model_cfg, recipe=rsd,
-                            optimizer=osd, scheduler=sched.state_dict(), step=step, metrics=lines,
-                            config=cfg_dict)  # fmt: skip
+            ckpt_path = checkpoint.save(ckpt_dir, step, keep=cfg.keep_checkpoints, model=model.state_dict(),
+                                        model_cfg=student.model_cfg, recipe=rsd, optimizer=osd,
+                                        scheduler=sched.state_dict(), metrics=lines, config=cfg_dict,
+                                        inputs=inputs, threads=torch.get_num_threads())  # fmt: skip
 
     def _one_step(step: int) -> None:
         nonlocal seen
@@ -396,7 +451,7 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
                 comm.barrier()
                 if root:
                     print(f"stopped at step {step + 1} by {preempt.name(stop_by)}; resume with --resume "
-                          f"(checkpoint {ckpt_path})", flush=True)  # fmt: skip
+                          f"(checkpoint {checkpoint.path_of(ckpt_dir, step + 1)})", flush=True)  # fmt: skip
                 raise SystemExit(preempt.exit_code(stop_by))
     flush()
     bar.close()

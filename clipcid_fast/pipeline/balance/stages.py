@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import preempt
 from .._io import atomic_json, atomic_npy, atomic_npz
 from ..comm import Comm, run_stage
 from .functions import resolve_fns
@@ -153,18 +154,21 @@ def run_balance(
 
     comm = Comm()
     try:
-        return _pipeline(
-            comm, plan, src, ids_arr, out_dir, k, niter, seed, max_points_per_centroid, keep, batch_clusters,
-            chunk_rows, assign_block_rows, tile, invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin, fn_names,
-            hook, progress, plot,
-        )  # fmt: skip
+        with preempt.Preemption() as signals:
+            return _pipeline(
+                comm, plan, src, ids_arr, out_dir, k, niter, seed, max_points_per_centroid, keep, batch_clusters,
+                chunk_rows, assign_block_rows, tile, invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin,
+                fn_names, hook, progress, plot, signals,
+            )  # fmt: skip
+    except preempt.Stopped as e:  # the parts and batches written so far are kept; a rerun does the rest
+        preempt.leave("balance", e, say=comm.rank == 0)
     finally:
         comm.close()
 
 
 def _pipeline(
     comm, plan, src, ids_arr, out_dir, k, niter, seed, mppc, keep, batch_clusters, chunk_rows, block_rows, tile,
-    invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin, fn_names, hook, progress, plot,
+    invalid, c_given, assign_fn, max_sim_fn, max_sim_builtin, fn_names, hook, progress, plot, signals,
 ):  # fmt: skip
     out = os.path.abspath(out_dir)
     parts_dir, batch_dir = os.path.join(out, "parts"), os.path.join(out, "batches")
@@ -208,6 +212,8 @@ def _pipeline(
             atomic_npz(part, idx=idx, sim=sim)
             rows += hi - lo
             hook("assign_block", block=b)
+            if signals.signum:
+                raise preempt.Stopped(signals.signum, f"assignment block {b + 1} of {len(blocks)}")
         return time.perf_counter() - t0, rows
 
     res = run_stage(comm, assign_mine, root_only=False)
@@ -320,6 +326,8 @@ def _pipeline(
                 atomic_npz(os.path.join(batch_dir, f"batch_c{batch[0]:08d}.npz"), **arrays)
                 bar.update(len(batch))
                 hook("batch_done", clusters=batch)
+                if signals.signum:
+                    raise preempt.Stopped(signals.signum, f"dedup batch of clusters {batch[0]}..{batch[-1]}")
         bar.close()
         return time.perf_counter() - t0, rows_done, flops
 
@@ -355,6 +363,6 @@ def intra_op_threads(n: int):
 
 
 def _progress(enabled: bool, total: int, rank: int):
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     return tqdm(total=total, desc=f"clusters (rank {rank})", unit="cluster", disable=not enabled, position=rank)
