@@ -844,8 +844,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(csv=RESULTS / "train_step.csv")
     p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=None,
                    help="model pairs (default: default vit; --quick: tiny)")  # fmt: skip
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS + SWITCHED, default=list(PROVIDERS),
-                   help="fused+gc / fused+compile: (a) with --grad-checkpointing / --torchcompile (not by default)")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS + SWITCHED,
+        default=list(PROVIDERS),
+        help="fused+gc / fused+compile: (a) with --grad-checkpointing / --torchcompile (not by default)",
+    )
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=None, help="(a)/(b) recipes (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="override the step rows' batch sizes")
     p.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench_train_step"),
