@@ -167,11 +167,15 @@ class ExportModelConfig:
 
     model: str = dataclasses.field(
         default=MISSING_PATH,
-        metadata=_positional("teacher, student (with --teacher / --student-weights ...) or a clipcid-fast train checkpoint"),
+        metadata=_positional(
+            "teacher, student (with --teacher / --student-weights ...) or a clipcid-fast train checkpoint"
+        ),
     )
     out: str = dataclasses.field(default=MISSING_PATH, metadata=_help("the folder to write (required)"))
     force: bool = dataclasses.field(default=False, metadata=_help("replace a non-empty --out folder"))
-    progress: bool = dataclasses.field(default=True, metadata=_help("progress bar (a default teacher's first training)"))
+    progress: bool = dataclasses.field(
+        default=True, metadata=_help("progress bar (a default teacher's first training)")
+    )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 

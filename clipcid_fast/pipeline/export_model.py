@@ -1,7 +1,7 @@
 """``clipcid-fast export MODEL --out DIR``: a model as an open_clip ``local-dir:`` folder that needs no clipcid_fast.
 
-The folder holds what open_clip's ``create_model_and_transforms("local-dir:DIR")`` and ``get_tokenizer("local-dir:DIR")``
-read (open_clip/factory.py, 3.x), and nothing that points outside it::
+The folder holds what open_clip's ``create_model_and_transforms("local-dir:DIR")`` and
+``get_tokenizer("local-dir:DIR")`` read (open_clip/factory.py, 3.x), and nothing that points outside it::
 
     open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ..., "clipcid_fast": {"source", "fingerprint"}}
     open_clip_model.safetensors  every parameter and buffer (open_clip loads it strictly)
@@ -44,7 +44,8 @@ WEIGHTS_FILE = "open_clip_model.safetensors"  # the first name open_clip's _find
 # what transformers' AutoTokenizer / AutoConfig read from a folder (a folder has the ones its tokenizer uses);
 # the tower's weights (model.safetensors, ...) are not copied: they are in WEIGHTS_FILE
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-            "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")  # fmt: skip
+            "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+            "tokenizer.model")  # fmt: skip
 
 
 def check_out(out: str, force: bool) -> None:

@@ -247,13 +247,14 @@ def load_weights(model: torch.nn.Module, state: dict, path: str, which: str) -> 
     flag = _weights_flag(which)
     config = "its own model_cfg" if which == "model" else f"the {which} config"
     own = model.state_dict()
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    shapes = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
     if shapes:
         key, got, want = shapes[0]
         more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
         raise ValueError(
-            f"{flag}: {path!r} does not fit {config}: {key} has shape {got} in the file, the config builds "
-            f"{want}{more}"
+            f"{flag}: {path!r} does not fit {config}: {key} has shape {got} in the file, the config builds {want}{more}"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     # position_ids buffers differ between transformers versions and carry no weights
