@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _tiny_open_clip import one_thread  # noqa: F401 (an autouse fixture)
+from _tiny_open_clip import one_thread, write_checkpoint  # noqa: F401 (one_thread: an autouse fixture)
 
 from clipcid_fast.cli import main as cli_main
 from clipcid_fast.pipeline import assets, embed_meta, models, train
@@ -32,7 +32,8 @@ from clipcid_fast.pipeline.config import DataConfig, ModelConfig, TrainConfig
 CAPTIONS = ["a photo of a sneaker", "an ankle boot.", "A PHOTO OF A T-SHIRT/TOP", "bag"]
 
 # the plain-open_clip side: a script run with `python -I -S` whose sys.path is the stdlib and site-packages only (no
-# .pth files, so no editable-install finder): clipcid_fast must not be importable there
+# .pth files, so no editable-install finder): clipcid_fast must not be importable there. It loads each folder it is
+# given and saves what the folder's model makes of the fixed images and captions.
 CHILD = r"""
 import json, sys
 args = json.loads(sys.argv[1])
@@ -45,20 +46,21 @@ except ImportError:
 import numpy as np, open_clip, torch
 from PIL import Image
 torch.set_num_threads(1)
-d = args["dir"]
-kwargs = {}
-if args["hf_tower_from_dir"]:  # README: a Hugging Face text tower's architecture from the folder, offline
-    cfg = json.load(open(d + "/open_clip_config.json"))["model_cfg"]
-    kwargs["text_cfg"] = {**cfg["text_cfg"], "hf_model_name": d}
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + d, **kwargs)
-model.eval()
-tokenizer = open_clip.get_tokenizer("local-dir:" + d)
-images = torch.stack([preprocess(Image.fromarray(a)) for a in np.load(args["images"])])
-tokens = tokenizer(args["captions"])
-with torch.inference_mode():
-    out = {"images": images, "tokens": tokens, "image_features": model.encode_image(images),
-           "text_features": model.encode_text(tokens), "logit_scale": model.logit_scale.detach().clone()}
-torch.save(out, args["out"])
+for job in args["jobs"]:
+    d = job["dir"]
+    kwargs = {}
+    if job["hf_tower_from_dir"]:  # README: a Hugging Face text tower's architecture from the folder, offline
+        cfg = json.load(open(d + "/open_clip_config.json"))["model_cfg"]
+        kwargs["text_cfg"] = {**cfg["text_cfg"], "hf_model_name": d}
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + d, **kwargs)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("local-dir:" + d)
+    images = torch.stack([preprocess(Image.fromarray(a)) for a in np.load(args["images"])])
+    tokens = tokenizer(args["captions"])
+    with torch.inference_mode():
+        out = {"images": images, "tokens": tokens, "image_features": model.encode_image(images),
+               "text_features": model.encode_text(tokens), "logit_scale": model.logit_scale.detach().clone()}
+    torch.save(out, job["out"])
 """
 
 
@@ -86,16 +88,19 @@ def project_features(loaded: models.LoadedModel, images: np.ndarray) -> dict:
                 "logit_scale": loaded.model.logit_scale.detach().clone()}  # fmt: skip
 
 
-def load_in_plain_open_clip(folder: str, tmp, *, hf_tower_from_dir: bool = False) -> dict:
+def load_in_plain_open_clip(folders: list[str], tmp, *, hf_tower_from_dir: bool = False) -> list[dict]:
+    """What plain open_clip, in a process that cannot import clipcid_fast, makes of each exported folder."""
     np.save(tmp / "images.npy", fixed_images())
-    args = {"dir": folder, "images": str(tmp / "images.npy"), "captions": CAPTIONS, "out": str(tmp / "plain.pt"),
-            "site_packages": plain_site_packages(), "hf_tower_from_dir": hf_tower_from_dir}  # fmt: skip
+    jobs = [{"dir": d, "out": str(tmp / f"plain-{i}.pt"), "hf_tower_from_dir": hf_tower_from_dir}
+            for i, d in enumerate(folders)]  # fmt: skip
+    args = {"jobs": jobs, "images": str(tmp / "images.npy"), "captions": CAPTIONS,
+            "site_packages": plain_site_packages()}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", CHILD, json.dumps(args)], cwd=str(tmp), env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp / "plain.pt", weights_only=True)
+    return [torch.load(job["out"], weights_only=True) for job in jobs]
 
 
 def assert_bitwise(plain: dict, ours: dict) -> None:
@@ -130,23 +135,39 @@ def test_a_student_checkpoint_names_its_tokenizer_and_holds_no_path(student_run)
         assert not [s for s in strings(saved["model_cfg"]) if os.sep in s], name
 
 
-def test_the_export_of_a_student_loads_in_plain_open_clip_bitwise(student_run, tmp_path, capsys):
+def test_exports_load_in_plain_open_clip_bitwise(student_run, tmp_path, capsys):
+    """A trained student (checkpoint of clipcid-fast train; MiniLM's WordPiece tokenizer, ResNet tower) and a teacher
+    given as an open_clip config JSON + a plain state_dict (ViT tower, open_clip's BPE tokenizer), each exported,
+    moved elsewhere and loaded by plain open_clip: transform, tokens and features bitwise the project loader's."""
     ckpt = os.path.join(student_run, "student.pt")
-    written = tmp_path / "written"
-    assert cli_main(["export", ckpt, "--out", str(written), "--no-progress"]) == 0
-    assert "exported" in capsys.readouterr().out
-    moved = str(tmp_path / "elsewhere" / "student-open-clip")
-    shutil.move(str(written), moved)
-    config = json.loads(open(os.path.join(moved, "open_clip_config.json")).read())
-    assert not [s for s in strings(config) if s.startswith(os.sep)]
-    assert config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == assets.MINILM.hub_id
-    assert {"open_clip_model.safetensors", "tokenizer.json", "vocab.txt"} <= set(os.listdir(moved))
+    vit = write_checkpoint(str(tmp_path / "vit"), seed=3)
+    cases = {"student": (ckpt, ModelConfig()), "vit": ("teacher", vit)}
+    moved = {}
+    for name, (model, mcfg) in cases.items():
+        written = tmp_path / f"written-{name}"
+        flags = ["--teacher", mcfg.teacher, "--teacher-weights", mcfg.teacher_weights] if name == "vit" else []
+        assert cli_main(["export", model, "--out", str(written), "--no-progress", *flags]) == 0
+        assert (
+            capsys.readouterr().out.splitlines()[-3].startswith(f"exported {mcfg.teacher if name == 'vit' else ckpt} ")
+        )
+        moved[name] = str(tmp_path / "elsewhere" / name)
+        shutil.move(str(written), moved[name])
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".old-" in f]
 
-    loaded = models.load_model(ModelConfig(), ckpt, progress=False)
-    plain = load_in_plain_open_clip(moved, tmp_path)
-    assert_bitwise(plain, project_features(loaded, fixed_images()))
-    assert config["clipcid_fast"]["fingerprint"] == loaded.fingerprint
+    student_config = json.loads(open(os.path.join(moved["student"], "open_clip_config.json")).read())
+    assert student_config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == assets.MINILM.hub_id
+    assert {"open_clip_model.safetensors", "tokenizer.json", "vocab.txt"} <= set(os.listdir(moved["student"]))
+    assert sorted(os.listdir(moved["vit"])) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]  # BPE: in open_clip
+    plain = load_in_plain_open_clip(list(moved.values()), tmp_path)
+    for (name, (model, mcfg)), got in zip(cases.items(), plain):
+        config = json.loads(open(os.path.join(moved[name], "open_clip_config.json")).read())
+        assert not [s for s in strings(config) if s.startswith(os.sep)], name
+        loaded = models.load_model(mcfg, model, progress=False)
+        assert config["clipcid_fast"]["fingerprint"] == loaded.fingerprint, name
+        assert_bitwise(got, project_features(loaded, fixed_images()))
 
 
 @pytest.mark.slow  # trains a small default teacher (about 5 s) and loads MiniLM twice: about 20 s on 2 busy cores
@@ -164,7 +185,7 @@ def test_the_export_of_the_default_teacher_loads_in_plain_open_clip_bitwise(tmp_
     assert config["model_cfg"]["text_cfg"]["hf_model_name"] == assets.MINILM.hub_id
     assert config["model_cfg"]["text_cfg"]["hf_model_pretrained"] is False
     loaded = models.load_model(mcfg, "teacher", progress=False)  # the cached tower
-    plain = load_in_plain_open_clip(moved, tmp_path, hf_tower_from_dir=True)
+    (plain,) = load_in_plain_open_clip([moved], tmp_path, hf_tower_from_dir=True)
     assert_bitwise(plain, project_features(loaded, fixed_images()))
 
 
