@@ -167,6 +167,7 @@ def _save_weights(path: str, model: torch.nn.Module) -> None:
 def build_assets(pair: str, work_dir: str | os.PathLike, *, progress: bool = False) -> Assets:
     """The pair's files under ``work_dir/<pair>`` (reused when present): weights, configs, cache, cluster."""
     from clipcid_fast.pipeline import models
+    from clipcid_fast.pipeline.assets import resolved
     from clipcid_fast.pipeline.balance import run_cluster
     from clipcid_fast.pipeline.config import DataConfig, EmbedConfig, ModelConfig
     from clipcid_fast.pipeline.embed import run_embed
@@ -199,12 +200,12 @@ def build_assets(pair: str, work_dir: str | os.PathLike, *, progress: bool = Fal
             note = "default teacher architecture, random weights" if pair == "default" else "tiny teacher, random"
         teacher = models.load_model(ModelConfig(**mdict), "teacher", progress=progress, data_cfg=dc)
         oc_teacher = f"bts-{pair}-teacher"
-        _save_json(p(f"{oc_teacher}.json"), teacher.model_cfg)
+        # plain open_clip reads these two: the text asset as this machine's folder, not by its name
+        _save_json(p(f"{oc_teacher}.json"), resolved(teacher.model_cfg, "teacher"))
         _save_weights(p(f"{oc_teacher}.pt"), teacher.model)
         t_pt = p(f"{oc_teacher}.pt")
         oc_student = f"bts-{pair}-student"
-        student_cfg = models.default_student_cfg(16)
-        _save_json(p(f"{oc_student}.json"), student_cfg)
+        _save_json(p(f"{oc_student}.json"), resolved(models.default_student_cfg(16), "student"))
         oc_configs = [p(f"{oc_teacher}.json"), p(f"{oc_student}.json")]
     mc = ModelConfig(**mdict)
     student = models.load_model(mc, "student", seed=SEED, data_cfg=dc)  # what the trainer starts from

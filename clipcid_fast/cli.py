@@ -11,6 +11,7 @@ The pipeline a user runs, one stage a command (each reads the previous stage's f
           for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
 ``train``  distil the teacher into the student (recipes cid, rd, kd, distill, baseline), exact resume.
 ``eval``  zero-shot, retrieval and linear probe of a teacher, a student or a checkpoint.
+``export``  a teacher, a student or a checkpoint as an open_clip ``local-dir:`` folder (plain open_clip loads it).
 ``demo``  all of the above on the offline default (every recipe), then a report (``--quick``: CI sizes).
 
 ``info``  which backends this process uses, and how the extension was built.
@@ -132,6 +133,14 @@ STAGES = {
         "zero-shot, retrieval, linear probe of a model",
         "Evaluates the teacher, the student or a clipcid-fast train checkpoint on the held-out split: "
         "zero-shot top-1/top-5 and mean per-class recall, image<->text R@1/5/10, linear probe.",
+    ),
+    "export": Stage(
+        "ExportModelConfig", "export_model:run_export",
+        "a model as an open_clip local-dir: folder (no clipcid_fast needed to load it)",
+        "Writes the teacher, the student or a clipcid-fast train checkpoint to --out as open_clip_config.json "
+        "(model and preprocess config), open_clip_model.safetensors and the tokenizer files, for "
+        "open_clip.create_model_and_transforms('local-dir:DIR') and open_clip.get_tokenizer('local-dir:DIR'); "
+        "--force replaces a non-empty folder.",
     ),
     "demo": Stage(
         "DemoConfig", "demo:run_demo",

@@ -162,6 +162,25 @@ def _positional(text: str) -> dict:
 
 
 @dataclasses.dataclass
+class ExportModelConfig:
+    """``clipcid-fast export`` (``pipeline/export_model.py``): a model as an open_clip ``local-dir:`` folder."""
+
+    model: str = dataclasses.field(
+        default=MISSING_PATH,
+        metadata=_positional(
+            "teacher, student (with --teacher / --student-weights ...) or a clipcid-fast train checkpoint"
+        ),
+    )
+    out: str = dataclasses.field(default=MISSING_PATH, metadata=_help("the folder to write (required)"))
+    force: bool = dataclasses.field(default=False, metadata=_help("replace a non-empty --out folder"))
+    progress: bool = dataclasses.field(
+        default=True, metadata=_help("progress bar (a default teacher's first training)")
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
+@dataclasses.dataclass
 class BalanceConfig:
     """``clipcid-fast balance`` (arguments of ``pipeline.balance.run_balance``)."""
 
@@ -408,7 +427,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, .
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        if default is not None and default != "":
+        if default is not None and default not in ("", MISSING_PATH):
             help_text += f" (default {default!r})"
         if typing.get_origin(kind) is list:
             parser.add_argument(flag, dest=name, type=_comma_list, default=argparse.SUPPRESS, help=help_text)

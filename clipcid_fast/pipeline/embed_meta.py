@@ -40,10 +40,14 @@ def dataset_identity(data: dict) -> dict:
 
 
 def run_identity(meta: dict) -> dict:
-    """What two runs in one directory must share (a rerun resumes; another run is refused)."""
+    """What two runs in one directory must share (a rerun resumes; another run is refused). The model config is
+    compared with its known text assets named (``assets.portable``): a manifest written before configs named them
+    holds the same asset by a path of the machine that wrote it."""
+    from .assets import portable
+
     return {
         "fingerprint": meta["model"]["fingerprint"],
-        "model_cfg": meta["model"]["model_cfg"],
+        "model_cfg": portable(meta["model"]["model_cfg"]),
         "dataset": dataset_identity(meta["dataset"]),
         "shard_rows": meta["shard_rows"],
     }

