@@ -24,7 +24,7 @@ from clipcid_fast.pipeline import evaluate
 from clipcid_fast.pipeline.config import DataConfig, EvalConfig, TrainConfig
 from clipcid_fast.pipeline.data import build_dataset, export_corpus, fashion_mnist_arrays
 from clipcid_fast.pipeline.data.fashion_mnist import CLASS_NAMES, TEMPLATES
-from clipcid_fast.pipeline.data.labelled_set import LabelledSet, default_templates, read_templates
+from clipcid_fast.pipeline.data.labelled_set import LabelledSet, default_templates, read_templates, render
 from clipcid_fast.pipeline.models import image_features, load_model
 
 N_TEST, N_TRAIN = 300, 400
@@ -100,7 +100,8 @@ def test_class_folders_give_the_default_paths_zeroshot_exactly(root, fmnist, mod
     assert z["n"] == N_TEST and predicted_classes(model, fmnist) >= 3  # not a model that answers one class
     assert mine["zeroshot"] == z  # top1, top5, mean per-class recall, n: equal, not approximately
     assert mine["data"]["summary"] == {"dataset": "class-folders", "path": folders, "num_samples": N_TEST,
-                                       "num_classes": 10, "classnames": "folder names", "templates": "default"}  # fmt: skip
+                                       "num_classes": 10, "classnames": "folder names",
+                                       "templates": "default"}  # fmt: skip
     assert set(mine["skipped"]) == {"retrieval", "linear_probe"} and "--probe-data" in mine["skipped"]["linear_probe"]
     assert "retrieval" not in mine and "linear_probe" not in mine
 
@@ -113,15 +114,26 @@ def test_class_folders_give_the_default_paths_zeroshot_exactly(root, fmnist, mod
     assert csv["zeroshot"] == z
 
 
-def test_templates_file_changes_the_prompts(root, model, exported):
-    # one template instead of six: another classifier, so (with this model) other numbers; the same as the
-    # default path restricted to that template is not reachable from the CLI, so check against the set's prompts
+def test_a_smaller_export_over_a_larger_one_leaves_only_its_own_images(root, fmnist):
+    out = str(root / "re-export")
+    cfg = DataConfig(corpus="test", fashion_mnist_dir=fmnist)
+    export_corpus(cfg, out, formats=("folders",))
+    small = export_corpus(cfg, out, formats=("folders",), limit=12)
+    _, labels = fashion_mnist_arrays(cfg, "test")
+    want = {(CLASS_NAMES[int(labels[i])], f"{i:05d}.png") for i in range(12)}
+    found = {(c, f) for c in os.listdir(small["folders"]) for f in os.listdir(os.path.join(small["folders"], c))}
+    assert found == want  # stale PNGs gone, and no empty folder for a class the 12 images lack
+    assert len({c for c, _ in want}) < 10
+
+
+def test_a_templates_file_sets_the_prompts(root, exported):
     one = root / "one-template.txt"
     one.write_text("a photo of the {c}.\n")
     assert read_templates(str(one)) == ["a photo of the {c}."]
     ds = LabelledSet(os.path.join(exported, "test-folders"), lambda im: im, flag="--eval-data", templates=str(one))
     assert ds.prompts() == [[f"a photo of the {c}."] for c in sorted(CLASS_NAMES)]
-    assert default_templates() == [t.replace("{}", "{c}") for t in TEMPLATES]
+    # the default templates render to the default path's prompts
+    assert [render(t, "ankle boot") for t in default_templates()] == [t.format("ankle boot") for t in TEMPLATES]
 
 
 def test_linear_probe_on_a_labelled_train_split(root, fmnist, model, exported):
@@ -139,7 +151,8 @@ def test_linear_probe_on_a_labelled_train_split(root, fmnist, model, exported):
     assert mine["probe_data"]["num_samples"] == 200 and mine["probe_data"]["dataset"] == "class-folders"
     # --probe-train-samples caps a larger probe set with a seeded subset
     capped = run_eval(root, model, "probe-capped", "--eval-data", os.path.join(exported, "test-folders"),
-                      "--probe-data", probe["folders"], "--tasks", "linear_probe", "--probe-train-samples", "50")  # fmt: skip
+                      "--probe-data", probe["folders"], "--tasks", "linear_probe",
+                      "--probe-train-samples", "50")  # fmt: skip
     assert capped["linear_probe"]["n_train"] == 50
 
 

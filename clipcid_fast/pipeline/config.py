@@ -143,8 +143,11 @@ class EvalConfig:
     block: int = dataclasses.field(default=4096, metadata=_help("rows per similarity block in retrieval"))
     # a user's labelled set instead of the held-out split (pipeline/data/labelled_set.py)
     eval_data: Optional[str] = dataclasses.field(  # noqa: UP045
-        default=None, metadata=_help("labelled set to evaluate: class folders (root/<class>/<images>) or a CSV "
-                                     "(--csv-img-key column + a label column)")  # fmt: skip
+        default=None,
+        metadata=_help(
+            "labelled set to evaluate: class folders (root/<class>/<images>) or a CSV "
+            "(--csv-img-key column + a label column)"
+        ),
     )
     probe_data: Optional[str] = dataclasses.field(  # noqa: UP045
         default=None, metadata=_help("linear probe's train split for --eval-data (same layout and classes)")

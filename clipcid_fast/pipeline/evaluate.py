@@ -338,8 +338,9 @@ class ZeroShotProbe:
                  zeroshot_data: str | None = None, classnames: str | None = None,
                  templates: str | None = None) -> None:  # fmt: skip
         if zeroshot_data:
+            csv = {"csv_separator": data.csv_separator, "csv_img_key": data.csv_img_key}
             ds = LabelledSet(zeroshot_data, student.preprocess, flag="--zeroshot-data", classnames=classnames,
-                             templates=templates, csv_separator=data.csv_separator, csv_img_key=data.csv_img_key)  # fmt: skip
+                             templates=templates, **csv)  # fmt: skip
             prompts = ds.prompts()
         else:
             test_cfg = DataConfig(**{**to_dict(data), "corpus": "test"})

@@ -101,6 +101,8 @@ class LabelledSet(Dataset):
         else:
             self.kind = "csv"
             self.files, self.labels, self.keys = self._csv(csv_separator, csv_img_key, like, names)
+        if not len(self.files):
+            raise ValueError(f"{flag} {path!r}: no images")
         n_classes = len(self.keys) if self.keys is not None else (like.num_classes if like else len(names))
         if names is not None and len(names) != n_classes:
             raise ValueError(f"--classnames {classnames!r}: {len(names)} lines, but {flag} {path!r} has {n_classes} "
@@ -110,12 +112,10 @@ class LabelledSet(Dataset):
         else:
             self.classnames = names if names is not None else list(self.keys)
         self.num_classes = n_classes
-        if not len(self.files):
-            raise ValueError(f"{flag} {path!r}: no images")
         self.labels.flags.writeable = False
 
     def _order(self) -> str:
-        return "sorted folder" if self.kind == "class-folders" else "label"
+        return "sorted folder-name" if self.kind == "class-folders" else "sorted label"
 
     def _own_keys(self, like, found: list[str]) -> list[str]:
         """The class keys that number this set: its own (sorted), or ``like``'s, which must hold them all."""
@@ -124,7 +124,8 @@ class LabelledSet(Dataset):
         if like.keys is None:
             raise ValueError(f"{self.flag} {self.path!r}: its classes are named, but the evaluation set "
                              f"{like.path!r} has integer labels; give both integer labels or both names")  # fmt: skip
-        unknown = next((k for k in found if k not in set(like.keys)), None)
+        known = set(like.keys)
+        unknown = next((k for k in found if k not in known), None)
         if unknown is not None:
             raise ValueError(f"{self.flag} {self.path!r}: class {unknown!r} is not a class of the evaluation set "
                              f"{like.path!r}")  # fmt: skip
@@ -136,14 +137,17 @@ class LabelledSet(Dataset):
         try:
             found, _ = find_classes(self.path)
         except FileNotFoundError:
-            raise ValueError(f"{self.flag} {self.path!r}: no class folders (expected {self.path}/<class>/<images>)") from None
+            raise ValueError(
+                f"{self.flag} {self.path!r}: no class folders (expected {self.path}/<class>/<images>)"
+            ) from None
         keys = self._own_keys(like, found)
         index = {k: i for i, k in enumerate(keys)}
         samples = make_dataset(self.path, {k: index[k] for k in found}, extensions=IMG_EXTENSIONS, allow_empty=True)
         present = {label for _, label in samples}
         empty = next((k for k in found if index[k] not in present), None)
         if empty is not None:
-            raise ValueError(f"{self.flag} {self.path!r}: class folder {os.path.join(self.path, empty)!r} holds no image "
+            folder = os.path.join(self.path, empty)
+            raise ValueError(f"{self.flag} {self.path!r}: class folder {folder!r} holds no image "
                              f"({', '.join(IMG_EXTENSIONS)})")  # fmt: skip
         files = [f for f, _ in samples]
         return files, np.array([label for _, label in samples], dtype=np.int64), keys
