@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _tiny_open_clip import one_thread, write_checkpoint  # noqa: F401 (one_thread: an autouse fixture)
@@ -112,6 +113,15 @@ def test_class_folders_give_the_default_paths_zeroshot_exactly(root, fmnist, mod
     csv = run_eval(root, model, "csv", "--eval-data", os.path.join(exported, "test.csv"), "--classnames",
                    str(names), "--templates", str(temps), "--tasks", "zeroshot")  # fmt: skip
     assert csv["zeroshot"] == z
+
+    # a CSV whose labels are class names (numbered in sorted order, as folders are), its own column and separator
+    table = pd.read_csv(os.path.join(exported, "test.csv"), sep="\t")
+    named = pd.DataFrame({"image": [os.path.join(exported, p) for p in table["filepath"]],
+                          "label": [CLASS_NAMES[i] for i in table["label"]]})  # fmt: skip
+    named.to_csv(root / "named.csv", index=False)
+    by_name = run_eval(root, model, "named", "--eval-data", str(root / "named.csv"), "--csv-img-key", "image",
+                       "--csv-separator", ",", "--tasks", "zeroshot")  # fmt: skip
+    assert by_name["zeroshot"] == z and by_name["data"]["summary"]["num_classes"] == 10
 
 
 def test_a_smaller_export_over_a_larger_one_leaves_only_its_own_images(root, fmnist):
@@ -218,3 +228,7 @@ def test_bad_labelled_inputs_are_one_line_naming_the_file(root, model, exported,
     assert f"--eval-data '{csv}': row" in msg and "is outside [0, 9)" in msg
     msg = bad_eval(capsys, model, "--classnames", str(nine))
     assert "--classnames" in msg and "give --eval-data too" in msg
+
+    # a probe train split with a class the evaluation set lacks
+    msg = bad_eval(capsys, model, "--eval-data", folders, "--probe-data", str(empty_tree), "--tasks", "linear_probe")
+    assert f"--probe-data '{empty_tree}': class 'cat' is not a class of the evaluation set '{folders}'" in msg
