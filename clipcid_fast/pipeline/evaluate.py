@@ -114,8 +114,10 @@ def _labelled(cfg: EvalConfig, loaded: LoadedModel, flag: str, like: LabelledSet
 
 
 def _heldout(cfg: EvalConfig, loaded: LoadedModel):
-    ds = _labelled(cfg, loaded, "eval_data") if cfg.eval_data else build_dataset(cfg.data, loaded.preprocess,
-                                                                                    loaded.tokenizer)  # fmt: skip
+    if cfg.eval_data:
+        ds = _labelled(cfg, loaded, "eval_data")
+    else:
+        ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
     summary = ds.summary() if hasattr(ds, "summary") else None
     samples = cfg.eval_samples
     if samples and isinstance(ds, IterableDataset):
