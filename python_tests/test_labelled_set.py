@@ -177,7 +177,7 @@ def test_training_probe_on_class_folders_equals_the_default_one(root, fmnist, mo
     probe = evaluate.periodic_probe(TrainConfig(zeroshot_data=folders, eval_samples=N_TEST, seed=3, data=data), loaded)
     assert probe(loaded.model) == default
     assert evaluate.periodic_probe(TrainConfig(data=DataConfig(dataset="csv", train_data="x.csv")), loaded) is None
-    with pytest.raises(ValueError, match="--templates 't.txt' applies to a labelled set: give --zeroshot-data too"):
+    with pytest.raises(ValueError, match=r"--templates 't\.txt' applies to a labelled set: give --zeroshot-data too"):
         evaluate.periodic_probe(TrainConfig(templates="t.txt", data=data), loaded)
 
 
