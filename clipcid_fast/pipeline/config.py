@@ -141,6 +141,23 @@ class EvalConfig:
     )
     probe_c: float = dataclasses.field(default=1.0, metadata=_help("linear probe: inverse L2 strength (sklearn C)"))
     block: int = dataclasses.field(default=4096, metadata=_help("rows per similarity block in retrieval"))
+    # a user's labelled set instead of the held-out split (pipeline/data/labelled_set.py)
+    eval_data: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None,
+        metadata=_help(
+            "labelled set to evaluate: class folders (root/<class>/<images>) or a CSV "
+            "(--csv-img-key column + a label column)"
+        ),
+    )
+    probe_data: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("linear probe's train split for --eval-data (same layout and classes)")
+    )
+    classnames: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("one class name a line, in class order (default: the folder names)")
+    )
+    templates: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("one prompt template a line, with {c} (default: the project's 6)")
+    )
     progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(corpus="test"))
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -149,7 +166,9 @@ class EvalConfig:
 @dataclasses.dataclass
 class ExportConfig:
     out_dir: str = dataclasses.field(default="runs/export", metadata=_help("output directory"))
-    formats: str = dataclasses.field(default="csv,wds", metadata=_help("comma-separated: csv (PNG + CSV), wds"))
+    formats: str = dataclasses.field(
+        default="csv,wds", metadata=_help("comma-separated: csv (PNG + CSV), wds, folders (PNG class folders)")
+    )
     shard_size: int = dataclasses.field(default=1000, metadata=_help("samples per webdataset shard"))
     limit: Optional[int] = dataclasses.field(  # noqa: UP045
         default=None, metadata=_help("only the first N samples (ascending id)")
@@ -326,6 +345,15 @@ class TrainConfig:
     seed: int = dataclasses.field(default=0, metadata=_help("student init, data order"))
     eval_every: int = dataclasses.field(default=100, metadata=_help("zero-shot eval on the held-out split (0 = off)"))
     eval_samples: int = dataclasses.field(default=2000, metadata=_help("held-out images of the periodic eval"))
+    zeroshot_data: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("periodic zero-shot on this labelled set (class folders or a labelled CSV)")
+    )
+    classnames: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("--zeroshot-data: one class name a line (default: the folder names)")
+    )
+    templates: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None, metadata=_help("--zeroshot-data: one prompt template a line, with {c}")
+    )
     ckpt_every: int = dataclasses.field(default=50, metadata=_help("checkpoint every N steps (and at the end)"))
     keep_checkpoints: int = dataclasses.field(
         default=2, metadata=_help("checkpoints kept: the newest N (a corrupt newest one falls back to the previous)")

@@ -13,6 +13,11 @@ writing (what a training loop calls). Protocols (CLIP_benchmark's, formulas in `
   train split with their true labels (the seeded subset the student corpus draws, captions unused), tested
   on the held-out images.
 
+A user's labelled set (``cfg.eval_data``: class folders or a labelled CSV, with ``cfg.classnames`` /
+``cfg.templates``; ``data/labelled_set.py``) replaces the held-out split: zero-shot on it, and the probe trains
+on ``cfg.probe_data`` (its train split, same classes; at most ``probe_train_samples`` images, a seeded subset).
+It has no captions, so no retrieval.
+
 ``eval_samples`` = N evaluates a seeded subset of N held-out images (of a webdataset stream: its first N).
 Sources without class names (csv, wds) have no zero-shot or probe: the JSON says so under ``skipped``.
 Memory: one pass over the held-out images, batch by batch (zero-shot accumulates; retrieval and the probe
@@ -35,6 +40,7 @@ from . import metrics
 from ._io import atomic_json
 from .config import DataConfig, EvalConfig, to_dict
 from .data import build_dataset, class_names, collate, templates
+from .data.labelled_set import LabelledSet, collate_labelled
 from .embed_meta import model_meta
 from .models import image_features, text_features
 
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 TASKS = ("zeroshot", "retrieval", "linear_probe")
 TRAIN_SPLIT_SIZE = 60000  # Fashion-MNIST's train split: where the probe's training images come from
 _SUBSET_STREAM = 0xE7A1  # seeds the eval_samples subset; no data stream starts with this word
+_PROBE_STREAM = 0xE7A2  # seeds the probe_train_samples subset of a user's probe_data
 
 
 def parse_tasks(tasks) -> tuple[str, ...]:
@@ -66,16 +73,30 @@ def _check_config(cfg: EvalConfig) -> None:
         raise ValueError(f"eval_samples must be an int >= 0 (0 = the whole held-out split), got {samples!r}")
     if cfg.probe_c <= 0:
         raise ValueError(f"probe_c must be > 0, got {cfg.probe_c!r}")
+    if not cfg.eval_data:
+        for name in ("probe_data", "classnames", "templates"):
+            if getattr(cfg, name):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} applies to a labelled set: "
+                                 "give --eval-data too")  # fmt: skip
 
 
 def _check_probe(cfg: EvalConfig) -> None:
     n = cfg.probe_train_samples
+    if cfg.probe_data:  # a user's train split: any size, a seeded subset of n when larger
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"probe_train_samples must be an int >= 2, got {n!r}")
+        return
     if not isinstance(n, int) or not 2 <= n <= TRAIN_SPLIT_SIZE:
         raise ValueError(f"probe_train_samples must be an int in [2, {TRAIN_SPLIT_SIZE}], got {n!r}")
 
 
 def _skip_reasons(cfg: EvalConfig, tasks: tuple[str, ...]) -> dict[str, str]:
     """Why a requested task cannot run on this source (only Fashion-MNIST has class names and a train split)."""
+    if cfg.eval_data:
+        reasons = {"retrieval": f"eval_data {cfg.eval_data!r} is a labelled set, without captions"}
+        if not cfg.probe_data:
+            reasons["linear_probe"] = "no --probe-data (the labelled train split the probe trains on)"
+        return {t: reasons[t] for t in tasks if t in reasons}
     if cfg.data.dataset == "fashion-mnist":
         return {}
     reasons = {
@@ -85,8 +106,18 @@ def _skip_reasons(cfg: EvalConfig, tasks: tuple[str, ...]) -> dict[str, str]:
     return {t: reasons[t] for t in tasks if t in reasons}
 
 
+def _labelled(cfg: EvalConfig, loaded: LoadedModel, flag: str, like: LabelledSet | None = None) -> LabelledSet:
+    d = cfg.data
+    return LabelledSet(getattr(cfg, flag), loaded.preprocess, flag=f"--{flag.replace('_', '-')}",
+                       classnames=None if like else cfg.classnames, templates=None if like else cfg.templates,
+                       csv_separator=d.csv_separator, csv_img_key=d.csv_img_key, like=like)  # fmt: skip
+
+
 def _heldout(cfg: EvalConfig, loaded: LoadedModel):
-    ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
+    if cfg.eval_data:
+        ds = _labelled(cfg, loaded, "eval_data")
+    else:
+        ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
     summary = ds.summary() if hasattr(ds, "summary") else None
     samples = cfg.eval_samples
     if samples and isinstance(ds, IterableDataset):
@@ -96,6 +127,17 @@ def _heldout(cfg: EvalConfig, loaded: LoadedModel):
         pick = np.random.default_rng([_SUBSET_STREAM, cfg.data.data_seed]).permutation(len(ds))[:samples]
         ds = Subset(ds, np.sort(pick).tolist())
     return ds, summary
+
+
+def _prompts(cfg: EvalConfig, ds) -> list[list[str]]:
+    """Per class, its prompt under every template: the labelled set's, else the default source's."""
+    labelled = ds.dataset if isinstance(ds, Subset) else ds
+    return labelled.prompts() if isinstance(labelled, LabelledSet) else _default_prompts(cfg.data)
+
+
+def _default_prompts(data: DataConfig) -> list[list[str]]:
+    temps = templates(data)
+    return [[t.format(c) for t in temps] for c in class_names(data)]
 
 
 class _FirstRows(IterableDataset):
@@ -110,7 +152,9 @@ class _FirstRows(IterableDataset):
 
 def _batches(ds, cfg: EvalConfig):
     workers = 0 if isinstance(ds, _FirstRows) else cfg.data.workers
-    return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=workers)
+    labelled = isinstance(ds.dataset if isinstance(ds, Subset) else ds, LabelledSet)
+    return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate_labelled if labelled else collate,
+                      num_workers=workers)  # fmt: skip
 
 
 def _progress(iterable, cfg: EvalConfig, desc: str, total: int | None):
@@ -123,11 +167,10 @@ def _n_batches(ds, batch_size: int) -> int | None:
     return None if isinstance(ds, IterableDataset) else -(-len(ds) // batch_size)
 
 
-def _zeroshot_classifier(model, loaded: LoadedModel, cfg: EvalConfig) -> torch.Tensor:
-    names, temps = class_names(cfg.data), templates(cfg.data)
-    tokens = loaded.tokenizer([t.format(c) for c in names for t in temps])
-    prompts = text_features(model, tokens, cfg.batch_size).reshape(len(names), len(temps), -1)
-    return metrics.class_classifier(prompts)
+def _zeroshot_classifier(model, loaded: LoadedModel, cfg: EvalConfig, prompts: list[list[str]]) -> torch.Tensor:
+    tokens = loaded.tokenizer([p for per_class in prompts for p in per_class])
+    feats = text_features(model, tokens, cfg.batch_size).reshape(len(prompts), len(prompts[0]), -1)
+    return metrics.class_classifier(feats)
 
 
 def _heldout_pass(model, ds, cfg: EvalConfig, classifier, keep_features: bool) -> dict:
@@ -140,7 +183,7 @@ def _heldout_pass(model, ds, cfg: EvalConfig, classifier, keep_features: bool) -
             acc.update(f, batch["label"])
         if keep_features:
             feats.append(f)
-            captions += batch["caption"]
+            captions += batch.get("caption", [])  # a labelled set has none (and no retrieval)
             labels.append(batch["label"])
     out = {"zeroshot": acc.result() if acc is not None else None}
     if keep_features:
@@ -169,9 +212,20 @@ def probe_train_config(cfg: EvalConfig) -> DataConfig:
     )
 
 
-def _linear_probe(model, loaded: LoadedModel, held: dict, cfg: EvalConfig) -> tuple[dict, dict]:
-    train_cfg = probe_train_config(cfg)
-    ds = build_dataset(train_cfg, loaded.preprocess, loaded.tokenizer)
+def _probe_train_set(cfg: EvalConfig, loaded: LoadedModel, heldout):
+    if not cfg.probe_data:
+        return build_dataset(probe_train_config(cfg), loaded.preprocess, loaded.tokenizer)
+    like = heldout.dataset if isinstance(heldout, Subset) else heldout
+    ds = _labelled(cfg, loaded, "probe_data", like=like)
+    n = cfg.probe_train_samples
+    if n < len(ds):
+        pick = np.random.default_rng([_PROBE_STREAM, cfg.data.data_seed]).permutation(len(ds))[:n]
+        ds = Subset(ds, np.sort(pick).tolist())
+    return ds
+
+
+def _linear_probe(model, loaded: LoadedModel, held: dict, cfg: EvalConfig, heldout) -> tuple[dict, dict]:
+    ds = _probe_train_set(cfg, loaded, heldout)
     feats, labels = [], []
     for batch in _progress(_batches(ds, cfg), cfg, "eval: probe train images", _n_batches(ds, cfg.batch_size)):
         feats.append(image_features(model, batch["image"]))
@@ -180,7 +234,8 @@ def _linear_probe(model, loaded: LoadedModel, held: dict, cfg: EvalConfig) -> tu
         torch.cat(feats).numpy(), torch.cat(labels).numpy(), held["features"].numpy(), held["labels"].numpy(),
         c=cfg.probe_c, seed=cfg.data.data_seed,
     )  # fmt: skip
-    return result, ds.summary()
+    summary = (ds.dataset if isinstance(ds, Subset) else ds).summary()
+    return result, {**summary, "num_samples": len(ds)}
 
 
 def evaluate(loaded: LoadedModel, cfg: EvalConfig, tasks=None) -> dict:
@@ -209,9 +264,10 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, tasks=None) -> dict:
 def _run_tasks(loaded: LoadedModel, cfg: EvalConfig, run: list[str]) -> dict:
     model, seconds = loaded.model, {}
     ds, summary = _heldout(cfg, loaded)
-    out: dict = {"data": {**to_dict(cfg.data), "summary": summary}, "seconds": seconds}
+    data = {"eval_data": cfg.eval_data} if cfg.eval_data else to_dict(cfg.data)
+    out: dict = {"data": {**data, "summary": summary}, "seconds": seconds}
     t0 = time.perf_counter()
-    classifier = _zeroshot_classifier(model, loaded, cfg) if "zeroshot" in run else None
+    classifier = _zeroshot_classifier(model, loaded, cfg, _prompts(cfg, ds)) if "zeroshot" in run else None
     seconds["zeroshot_prompts"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     keep = "retrieval" in run or "linear_probe" in run
@@ -225,7 +281,7 @@ def _run_tasks(loaded: LoadedModel, cfg: EvalConfig, run: list[str]) -> dict:
         seconds["retrieval"] = time.perf_counter() - t0
     if "linear_probe" in run:
         t0 = time.perf_counter()
-        out["linear_probe"], out["probe_data"] = _linear_probe(model, loaded, held, cfg)
+        out["linear_probe"], out["probe_data"] = _linear_probe(model, loaded, held, cfg, ds)
         seconds["linear_probe"] = time.perf_counter() - t0
     return out
 
@@ -258,20 +314,45 @@ def run_eval(cfg: EvalConfig, *, loaded: LoadedModel | None = None) -> dict:
     return report
 
 
+def periodic_probe(cfg, student: LoadedModel) -> ZeroShotProbe | None:
+    """The trainer's ``ZeroShotProbe`` of a ``TrainConfig``: on ``cfg.zeroshot_data`` (a labelled set) when given,
+    else on the held-out split of ``cfg.data``; None, with a note, for a source without class names."""
+    labelled = {k: getattr(cfg, k) for k in ("zeroshot_data", "classnames", "templates")}
+    if not cfg.zeroshot_data:
+        given = [k for k in ("classnames", "templates") if labelled[k]]
+        if given:
+            raise ValueError(f"--{given[0]} {labelled[given[0]]!r} applies to a labelled set: give --zeroshot-data too")
+        if cfg.data.dataset != "fashion-mnist":
+            print(f"periodic zero-shot off: dataset {cfg.data.dataset!r} has no class names "
+                  "(--zeroshot-data PATH: class folders or a labelled CSV)")  # fmt: skip
+            return None
+    return ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples, **labelled)
+
+
 class ZeroShotProbe:
     """The trainer's periodic check: zero-shot top-1 and mean per-class recall (``metrics``, as ``zeroshot``) of a
-    model on a fixed seeded subset of ``samples`` images of the held-out split of ``data`` (a DataConfig), held
-    in memory on the host, so each call costs one forward of the subset and the prompts."""
+    model on a fixed seeded subset of ``samples`` images of the held-out split of ``data`` (a DataConfig), or of
+    the labelled set ``zeroshot_data`` (``data/labelled_set.py``; ``classnames``, ``templates``: its files), held
+    in memory on the host (samples × 3 × H × W fp32), so each call costs one forward of the subset and the
+    prompts."""
 
-    def __init__(self, data: DataConfig, student: LoadedModel, seed: int, samples: int) -> None:
-        test_cfg = DataConfig(**{**to_dict(data), "corpus": "test"})
-        ds = build_dataset(test_cfg, student.preprocess, student.tokenizer)
+    def __init__(self, data: DataConfig, student: LoadedModel, seed: int, samples: int, *,
+                 zeroshot_data: str | None = None, classnames: str | None = None,
+                 templates: str | None = None) -> None:  # fmt: skip
+        if zeroshot_data:
+            csv = {"csv_separator": data.csv_separator, "csv_img_key": data.csv_img_key}
+            ds = LabelledSet(zeroshot_data, student.preprocess, flag="--zeroshot-data", classnames=classnames,
+                             templates=templates, **csv)  # fmt: skip
+            prompts = ds.prompts()
+        else:
+            test_cfg = DataConfig(**{**to_dict(data), "corpus": "test"})
+            ds = build_dataset(test_cfg, student.preprocess, student.tokenizer)
+            prompts = _default_prompts(test_cfg)
         pick = np.random.default_rng([seed, 7]).permutation(len(ds))[: min(samples, len(ds))]
         items = [ds[int(i)] for i in np.sort(pick)]
         self.images = torch.stack([it["image"] for it in items])
         self.labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
-        names, temps = class_names(test_cfg), templates(test_cfg)
-        self.prompts = [student.tokenizer([t.format(c) for t in temps]) for c in names]
+        self.prompts = [student.tokenizer(per_class) for per_class in prompts]
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:

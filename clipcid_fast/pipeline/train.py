@@ -351,7 +351,7 @@ def _run(cfg: TrainConfig, comm: Comm, held: contextlib.ExitStack) -> dict:
 
     p = prepare(cfg, comm)
     model, student, teacher, opt, sched = p.model, p.student, p.teacher, p.optimizer, p.scheduler
-    probe = evaluate.ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples) if cfg.eval_every and root else None
+    probe = evaluate.periodic_probe(cfg, student) if cfg.eval_every and root else None
 
     inputs = run_folder.input_fingerprints(cfg_dict) if root else None
     start, lines = 0, []

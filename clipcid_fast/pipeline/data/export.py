@@ -1,4 +1,4 @@
-"""Export a Fashion-MNIST corpus as PNG files + an open_clip CSV and as webdataset tar shards.
+"""Export a Fashion-MNIST corpus as PNG files + an open_clip CSV, as webdataset tar shards, and as class folders.
 
 Layout under ``out_dir`` (``{corpus}`` is teacher / student / test, ``{split}`` train / test):
 
@@ -6,6 +6,8 @@ Layout under ``out_dir`` (``{corpus}`` is teacher / student / test, ``{split}`` 
 - ``{corpus}.csv``: tab-separated, columns ``filepath`` (relative to the CSV), ``title``, ``id``, ``label``;
 - ``{corpus}-wds/{corpus}-{k:05d}.tar``: members ``{id:05d}.png``, ``.txt`` (caption), ``.json``
   (``id``, ``label``, ``caption_label``);
+- ``{corpus}-folders/{class name}/{id:05d}.png``: ImageFolder's layout (``eval --eval-data``; the folder names are
+  the class names, so they are the zero-shot prompts' too); PNGs an earlier, larger export left there are removed;
 - ``{corpus}.json``: what was written and the corpus' regime (counts of samples and of wrong captions).
 
 Every file is written under a temporary name and renamed into place, so a killed export leaves either the old
@@ -25,9 +27,10 @@ import pandas as pd
 import webdataset as wds
 
 from .._io import atomic_bytes
-from .fashion_mnist import FashionMnistCorpus
+from .fashion_mnist import CLASS_NAMES, FashionMnistCorpus
 
-FORMATS = ("csv", "wds")
+FORMATS = ("csv", "wds", "folders")
+_PNG_NAME = re.compile(r"\d{5}\.png")
 
 
 def _png_bytes(image) -> bytes:
@@ -36,12 +39,13 @@ def _png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, limit: int | None = None) -> dict:
+def export_corpus(cfg, out_dir: str, formats=("csv", "wds"), shard_size: int = 1000, limit: int | None = None) -> dict:
     """Write the corpus ``cfg`` (a ``DataConfig`` with dataset fashion-mnist) to ``out_dir``; returns the manifest.
 
-    ``formats``: any of "csv", "wds"; ``shard_size``: samples per tar shard; ``limit``: only the first ``limit``
-    samples in ascending id order (all if None). The manifest holds ``csv`` (the CSV path) and ``wds`` (the
-    brace pattern of the shards) for the formats written, ready to be used as ``train_data``.
+    ``formats``: any of "csv", "wds", "folders"; ``shard_size``: samples per tar shard; ``limit``: only the first
+    ``limit`` samples in ascending id order (all if None). The manifest holds ``csv`` (the CSV path) and ``wds``
+    (the brace pattern of the shards), ready to be used as ``train_data``, and ``folders`` (the class-folder
+    root, for ``eval_data``), for the formats written.
     """
     if cfg.dataset != "fashion-mnist":
         raise ValueError(f"export_corpus exports the fashion-mnist corpora; dataset is {cfg.dataset!r}")
@@ -101,10 +105,34 @@ def export_corpus(cfg, out_dir: str, formats=FORMATS, shard_size: int = 1000, li
         manifest["wds"] = os.path.join(shard_dir, f"{name}-{{00000..{num_shards - 1:05d}}}.tar")
         manifest["num_shards"] = num_shards
 
+    if "folders" in formats:
+        manifest["folders"] = _write_class_folders(os.path.join(out_dir, f"{name}-folders"), corpus, keys, pngs)
+
     manifest_path = os.path.join(out_dir, f"{name}.json")
     manifest["manifest"] = manifest_path
     atomic_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), durable=True)
     return manifest
+
+
+def _write_class_folders(root: str, corpus, keys: list[str], pngs: list[bytes]) -> str:
+    """Sample i's PNG as ``root/{class name of its true label}/{key}.png``; stale PNGs removed (a class-folder
+    reader takes every image it finds, so one from an earlier export would join the set)."""
+    wanted: dict[str, set[str]] = {c: set() for c in CLASS_NAMES}
+    for i, (key, png) in enumerate(zip(keys, pngs)):
+        folder = CLASS_NAMES[int(corpus.labels[i])]
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        atomic_bytes(os.path.join(root, folder, f"{key}.png"), png, durable=False)
+        wanted[folder].add(f"{key}.png")
+    for folder, files in wanted.items():
+        path = os.path.join(root, folder)
+        if not os.path.isdir(path):
+            continue
+        for entry in os.listdir(path):
+            if _PNG_NAME.fullmatch(entry) and entry not in files:
+                os.remove(os.path.join(path, entry))
+        if not files and not os.listdir(path):  # a class this export lacks: an empty class folder is an error
+            os.rmdir(path)
+    return root
 
 
 def export_command(cfg) -> None:
@@ -119,7 +147,7 @@ def export_command(cfg) -> None:
     write_config(cfg, cfg.out_dir, "export_config.yaml")
     wrong = manifest.get("num_wrong_captions")
     print(f"exported {manifest.get('num_samples')} samples ({wrong} captions naming another class) to {cfg.out_dir}:")
-    for key in ("csv", "wds"):
+    for key in ("csv", "wds", "folders"):
         if key in manifest:
             print(f"  {key}: {manifest[key]}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
