@@ -1,0 +1,271 @@
+"""pipeline/stream + stream_train: training streamed from webdataset shards (``--dataset wds``).
+
+The corpus is 200 images of the offline student corpus exported to 4 shards of 50 (``export_corpus``); the teacher
+is test_train's small random open_clip model and its cache is embedded from the shards. Checked against independent
+readings of the shards (tarfile): an epoch of a rank's stream is every shard sample exactly once; a stream resumed
+from its saved position at any sample continues exactly as the uninterrupted one (also with --skip-bad skips, each
+counted once); a trainer stopped mid-epoch and resumed ends bitwise where the uninterrupted run ends, with two
+DataLoader workers; bad shards are one line naming the shard, or counted skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from test_train import assert_same_tensors, teacher_model_cfg
+
+from clipcid_fast.pipeline import models, train
+from clipcid_fast.pipeline.config import DataConfig, EmbedConfig, ModelConfig, TrainConfig
+from clipcid_fast.pipeline.data import build_dataset, export_corpus
+from clipcid_fast.pipeline.embed import load_embeddings, run_embed
+from clipcid_fast.pipeline.stream import CHUNK, RankStream, _Lookup, check_resumable
+
+N, SHARD = 200, 50
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = str(tmp_path_factory.mktemp("stream"))
+    manifest = export_corpus(DataConfig(student_samples=N), os.path.join(root, "export"), formats=("wds",),
+                             shard_size=SHARD)  # fmt: skip
+    with open(os.path.join(root, "teacher.json"), "w") as f:
+        json.dump(teacher_model_cfg(), f)
+    torch.manual_seed(1)
+    torch.save(models.build_open_clip(teacher_model_cfg()).state_dict(), os.path.join(root, "teacher.pt"))
+    mc = ModelConfig(teacher=os.path.join(root, "teacher.json"), teacher_weights=os.path.join(root, "teacher.pt"))
+    data = DataConfig(dataset="wds", train_data=manifest["wds"])
+    cache = os.path.join(root, "cache")
+    run_embed(EmbedConfig(out_dir=cache, batch_size=64, shard_rows=96, progress=False, data=data, models=mc))
+    shards = sorted(
+        os.path.join(os.path.dirname(manifest["wds"]), f) for f in os.listdir(os.path.dirname(manifest["wds"]))
+    )
+    return {"root": root, "pattern": manifest["wds"], "shards": shards, "models": mc, "data": data, "cache": cache}
+
+
+def shard_ids(path: str) -> list[int]:
+    """The sample ids of one shard, read from its json members (not through the package)."""
+    with tarfile.open(path) as tar:
+        return [json.load(tar.extractfile(m))["id"] for m in tar if m.name.endswith(".json")]
+
+
+@pytest.fixture(scope="module")
+def student():
+    return models.load_model(ModelConfig(), "student", seed=0)
+
+
+def rank_stream(corpus, student, workers: int, state=None, pattern=None, skip_bad=False, seed=0, lookup=None):
+    cfg = dataclasses.replace(corpus["data"], train_data=pattern or corpus["pattern"], skip_bad=skip_bad,
+                              wds_shuffle_buffer=40)  # fmt: skip
+    src = build_dataset(cfg, student.preprocess, student.tokenizer, shuffle_seed=seed)
+    return RankStream(src, workers, lookup or _Lookup(), state=state)
+
+
+def take_ids(stream, n: int) -> list[int]:
+    return stream.take(n)["id"].tolist()
+
+
+def test_embed_persists_the_id_index_the_trainer_opens(corpus):
+    ids = np.concatenate([np.load(os.path.join(corpus["cache"], "ids", f)) for f in sorted(os.listdir(
+        os.path.join(corpus["cache"], "ids")))])  # fmt: skip
+    sorted_ids = np.load(os.path.join(corpus["cache"], "id_index", "ids.npy"))
+    rows = np.load(os.path.join(corpus["cache"], "id_index", "rows.npy"))
+    np.testing.assert_array_equal(sorted_ids, np.sort(ids))
+    np.testing.assert_array_equal(ids[rows], sorted_ids)
+    assert isinstance(load_embeddings(corpus["cache"])["row_of"].sorted, np.memmap)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stream
+
+
+def test_an_epoch_is_every_shard_sample_once_in_a_seeded_order(corpus, student):
+    everything = sorted(i for s in corpus["shards"] for i in shard_ids(s))
+    assert len(everything) == N and len(set(everything)) == N
+    a = rank_stream(corpus, student, workers=2)
+    first, second = take_ids(a, N), take_ids(a, N)
+    assert sorted(first) == everything and sorted(second) == everything
+    assert first != second  # another epoch, another order
+    assert a.state()["epoch"] == 1
+    a.close()
+    b = rank_stream(corpus, student, workers=2)
+    assert take_ids(b, N) == first  # a function of the seed: the DataLoader's process timing does not enter
+    b.close()
+    c = rank_stream(corpus, student, workers=2, seed=1)
+    assert take_ids(c, N) != first
+    c.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_any_position_draws_what_the_uninterrupted_stream_draws(corpus, student, workers):
+    """Cut points inside a chunk, on a chunk boundary, at the epoch's last sample, and in the second epoch."""
+    total = 2 * N + 30
+    want = take_ids(rank_stream(corpus, student, workers), total)
+    for cut in (37, 2 * CHUNK, N, N + 71):
+        head = rank_stream(corpus, student, workers)
+        got = take_ids(head, cut)
+        state = head.state()
+        head.close()
+        tail = rank_stream(corpus, student, workers, state=json.loads(json.dumps(state)))  # as the checkpoint keeps it
+        got += take_ids(tail, total - cut)
+        tail.close()
+        assert got == want, f"cut at {cut}"
+
+
+def cut_shard(src: str, dst: str) -> None:
+    """A copy of a shard cut in the middle of its 20th member's data (as a killed download leaves it)."""
+    with tarfile.open(src) as tar:
+        member = list(tar)[19]
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data[: member.offset_data + member.size // 2])
+
+
+@pytest.fixture(scope="module")
+def cut_corpus(corpus, tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("cut"))
+    for i, s in enumerate(corpus["shards"]):
+        if i == 1:
+            cut_shard(s, os.path.join(d, os.path.basename(s)))
+        else:
+            shutil.copy(s, d)
+    return os.path.join(d, os.path.basename(corpus["pattern"]))
+
+
+def test_a_cut_shard_is_one_line_naming_it(corpus, student, cut_corpus):
+    s = rank_stream(corpus, student, 2, pattern=cut_corpus)
+    with pytest.raises(ValueError, match=r"shard '.*-00001\.tar'.*unreadable tar") as info:
+        take_ids(s, N)
+    assert "\n" not in str(info.value)
+    s.close()
+
+
+def test_skip_bad_counts_each_skip_once_across_a_resume(corpus, student, cut_corpus):
+    whole = rank_stream(corpus, student, 2, pattern=cut_corpus, skip_bad=True)
+    want = take_ids(whole, 2 * N)
+    want_state = whole.state()
+    whole.close()
+    # the cut shard gave its first 6 samples (members 0..17 are 6 samples of 3), then counted as one bad shard
+    per_epoch = N - SHARD + 6
+    assert sorted(want[:per_epoch]) == sorted(want[per_epoch : 2 * per_epoch])
+    for cut in (5, 60, per_epoch - 1, per_epoch + 3):
+        head = rank_stream(corpus, student, 2, pattern=cut_corpus, skip_bad=True)
+        got = take_ids(head, cut)
+        tail = rank_stream(corpus, student, 2, pattern=cut_corpus, skip_bad=True, state=head.state())
+        head.close()
+        got += take_ids(tail, 2 * N - cut)
+        assert got == want, f"cut at {cut}"
+        assert tail.state()["skipped_shards"] == want_state["skipped_shards"] == 3, f"cut at {cut}"
+        tail.close()
+
+
+def test_a_shard_that_vanishes_during_training_is_named(corpus, student, tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for s in corpus["shards"]:
+        shutil.copy(s, d)
+    s = rank_stream(corpus, student, 0, pattern=str(d / os.path.basename(corpus["pattern"])))
+    take_ids(s, 10)
+    os.remove(d / os.path.basename(corpus["shards"][2]))
+    with pytest.raises(ValueError, match=r"shard '.*-00002\.tar'") as info:
+        take_ids(s, 2 * N)
+    assert "\n" not in str(info.value)
+
+
+def test_another_split_is_refused_in_one_line():
+    saved = {"kind": "wds-stream", "world": 2, "workers": 2, "chunk": CHUNK, "ranks": [{}, {}]}
+    check_resumable(saved, 2, 2)
+    check_resumable({**saved, "workers": 1, "ranks": [{}, {}]}, 2, 0)  # no worker process = one logical worker
+    for world, workers in ((1, 2), (2, 3)):
+        with pytest.raises(ValueError, match=r"--resume: .* 2 ranks x 2 workers; this run has") as info:
+            check_resumable(saved, world, workers)
+        assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def train_cfg(corpus, out_dir, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out_dir), recipe="kd", steps=10, batch_size=BATCH, warmup=2, lr=2e-3, eval_every=0,
+                ckpt_every=3, progress=False, data=dataclasses.replace(corpus["data"], workers=2),
+                models=corpus["models"], teacher_cache=corpus["cache"])  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_streamed_training_stopped_mid_epoch_resumes_bit_for_bit(corpus, tmp_path, monkeypatch, capsys):
+    """10 steps of 32 over 200 samples (the epoch ends inside step 7), two DataLoader workers; SIGTERM during step 5
+    (not a checkpoint step): the resumed run's student, checkpoint and metrics equal the uninterrupted run's, and
+    every batch held the teacher cache's features of its sample ids."""
+    cache = load_embeddings(corpus["cache"])
+    seen = []
+    real_prepare = train.prepare
+
+    def spying(cfg, comm=None, stop_at=None):
+        p = real_prepare(cfg, comm)
+        calls = iter(range(100))
+
+        def step(batch):
+            rows = cache["row_of"](batch["id"].numpy())
+            assert torch.equal(batch["dist_image"], torch.from_numpy(cache["image"][rows].astype(np.float32)))
+            seen.append(batch["id"].tolist())
+            if next(calls) == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return p.step(batch)
+
+        return dataclasses.replace(p, step=step)
+
+    full = train_cfg(corpus, tmp_path / "full")
+    monkeypatch.setattr(train, "prepare", spying)
+    summary = train.run_train(full)
+    assert summary["train_samples"] == N and summary["skipped"] == {"samples": 0, "shards": 0}
+    ids = [i for b in seen for i in b]
+    assert sorted(ids[:N]) == sorted(i for s in corpus["shards"] for i in shard_ids(s))
+    want_ids, seen[:] = ids, []
+
+    cut = train_cfg(corpus, tmp_path / "cut")
+    monkeypatch.setattr(train, "prepare", lambda cfg, comm=None: spying(cfg, comm, stop_at=4))
+    with pytest.raises(SystemExit) as info:
+        train.run_train(cut)
+    assert info.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(train, "prepare", spying)
+    train.run_train(dataclasses.replace(cut, resume=True))
+    assert [i for b in seen for i in b] == want_ids
+
+    a = torch.load(os.path.join(full.out_dir, "student.pt"), weights_only=True)
+    b = torch.load(os.path.join(cut.out_dir, "student.pt"), weights_only=True)
+    assert_same_tensors(a, b, "student.pt")
+    ca, cb = (torch.load(os.path.join(c.out_dir, "checkpoints", "latest.pt"), weights_only=False) for c in (full, cut))
+    for key in ("model", "recipe", "optimizer", "scheduler", "metrics", "data"):
+        assert_same_tensors(ca[key], cb[key], f"latest.pt[{key!r}]")
+    with (
+        open(os.path.join(full.out_dir, "metrics.jsonl"), "rb") as f,
+        open(os.path.join(cut.out_dir, "metrics.jsonl"), "rb") as g,
+    ):
+        assert f.read() == g.read()
+
+    with pytest.raises(ValueError, match=r"--resume: .*data\.workers") as info:  # another split of the shards
+        train.run_train(dataclasses.replace(cut, resume=True, steps=12, data=dataclasses.replace(cut.data, workers=1)))
+    assert "\n" not in str(info.value)
+
+
+def test_a_cut_shard_stops_training_with_its_name_or_is_skipped(corpus, cut_corpus, tmp_path, capsys):
+    data = dataclasses.replace(corpus["data"], train_data=cut_corpus, workers=2)
+    cache_cfg = dict(teacher_cache=None, recipe="baseline")
+    with pytest.raises(ValueError, match=r"shard '.*-00001\.tar'.*unreadable tar") as info:
+        train.run_train(train_cfg(corpus, tmp_path / "a", data=data, steps=8, **cache_cfg))
+    assert "\n" not in str(info.value)
+    summary = train.run_train(train_cfg(corpus, tmp_path / "b", data=dataclasses.replace(data, skip_bad=True),
+                                        steps=8, **cache_cfg))  # fmt: skip
+    assert summary["skipped"] == {"samples": 0, "shards": 2}  # 8 × 32 = 256 samples: the cut shard read twice
+    assert "skipped 0 bad samples and 2 bad shards (--skip-bad)" in capsys.readouterr().out
