@@ -269,3 +269,97 @@ def test_a_cut_shard_stops_training_with_its_name_or_is_skipped(corpus, cut_corp
                                         steps=8, **cache_cfg))  # fmt: skip
     assert summary["skipped"] == {"samples": 0, "shards": 2}  # 8 × 32 = 256 samples: the cut shard read twice
     assert "skipped 0 bad samples and 2 bad shards (--skip-bad)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchrun: 2 ranks x 2 workers
+
+RANK_SCRIPT = """
+import json, os, signal, sys
+
+import torch
+
+from clipcid_fast.pipeline import train
+from clipcid_fast.pipeline.config import TrainConfig, build_config
+
+cfg = build_config(TrainConfig, sys.argv[1])
+stop_at = int(sys.argv[2])  # SIGTERM to rank 1 during this step (-1: never)
+rank = int(os.environ["RANK"])
+real_prepare = train.prepare
+
+
+def prepare(cfg, comm=None):
+    p = real_prepare(cfg, comm)
+    calls = iter(range(10**6))
+
+    def step(batch):
+        k = next(calls)
+        with open(os.path.join(cfg.out_dir, f"ids_rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(batch["id"].tolist()) + "\\n")
+        if k == stop_at and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return p.step(batch)
+
+    import dataclasses
+
+    return dataclasses.replace(p, step=step)
+
+
+train.prepare = prepare
+torch.set_num_threads(1)
+train.run_train(cfg)
+"""
+
+
+def torchrun_train(cfg: TrainConfig, stop_at: int = -1):
+    import subprocess
+    import sys
+
+    from clipcid_fast.pipeline.config import to_yaml
+
+    base = os.path.dirname(cfg.out_dir)
+    script, yaml_path = os.path.join(base, "rank_script.py"), cfg.out_dir + ".yaml"
+    with open(script, "w") as f:
+        f.write(RANK_SCRIPT)
+    with open(yaml_path, "w") as f:
+        f.write(to_yaml(cfg))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": repo}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, yaml_path,
+           str(stop_at)]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+
+
+def rank_ids(cfg: TrainConfig, rank: int) -> list[int]:
+    with open(os.path.join(cfg.out_dir, f"ids_rank{rank}.jsonl")) as f:
+        return [i for line in f for i in json.loads(line)]
+
+
+@pytest.mark.slow  # three torchrun launches: ~1 min on an idle 2-core machine, minutes on a loaded one
+@pytest.mark.distributed
+def test_torchrun_two_ranks_stopped_and_resumed_equal_the_uninterrupted_run(corpus, tmp_path):
+    """2 ranks x 2 workers, 10 steps of 2 x 16 (each rank's 100-sample epoch ends inside step 7): each rank's first
+    epoch is its shards, the two together every sample once; SIGTERM to rank 1 in step 4 stops both after it; the
+    same world resumes to the uninterrupted run's student and data position bitwise; one process is refused."""
+    full = train_cfg(corpus, tmp_path / "full")
+    res = torchrun_train(full)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    firsts = [rank_ids(full, r)[: N // 2] for r in (0, 1)]
+    assert sorted(firsts[0] + firsts[1]) == sorted(i for s in corpus["shards"] for i in shard_ids(s))
+
+    cut = train_cfg(corpus, tmp_path / "cut")
+    res = torchrun_train(cut, stop_at=4)
+    assert res.returncode != 0 and "stopped at step 5 by SIGTERM" in res.stdout, res.stdout[-3000:]
+    with pytest.raises(ValueError, match=r"2 ranks x 2 workers; this run has 1 x 2") as info:
+        train.run_train(dataclasses.replace(cut, resume=True))
+    assert "\n" not in str(info.value)
+    res = torchrun_train(dataclasses.replace(cut, resume=True))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    for r in (0, 1):  # steps 0-4 before the stop, 5-9 after the resume: what the uninterrupted run drew
+        assert rank_ids(cut, r) == rank_ids(full, r), f"rank {r}"
+    a = torch.load(os.path.join(full.out_dir, "student.pt"), weights_only=True)
+    b = torch.load(os.path.join(cut.out_dir, "student.pt"), weights_only=True)
+    assert_same_tensors(a, b, "student.pt")
+    ca, cb = (torch.load(os.path.join(c.out_dir, "checkpoints", "latest.pt"), weights_only=False) for c in (full, cut))
+    for key in ("model", "optimizer", "metrics", "data"):
+        assert_same_tensors(ca[key], cb[key], f"latest.pt[{key!r}]")
