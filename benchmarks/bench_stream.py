@@ -10,9 +10,10 @@ Rows appended (long-format CSV, ``_harness.append_rows``):
   one lookup of a 256-id batch, the trainer's start-up on the cache) and ``rebuilt_index`` (the same cache without
   ``id_index/``: the argsort fallback), plus ``read_ids`` (only reading every ids shard: the floor). Each in a fresh
   process, p50 of ``--repeats`` (the page cache is warm after the first: this times the work, not the disk).
-* ``train_samples_s``, x = batch: ``map_style`` (the offline default corpus, fashion-mnist) and ``wds_stream``
-  (the same 10k samples exported to 10 shards, ``--workers 2``), recipe baseline (no teacher: the data path and
-  the student step only), the same steps; note holds samples/s from the run's summary.
+* ``train_samples_s``, x = batch: ``map_style`` (the offline default corpus, fashion-mnist: images from arrays in
+  memory), ``map_style_csv`` (the same 10k samples exported as PNG files + CSV: the same decode as the shards) and
+  ``wds_stream`` (exported to 10 shards, ``--workers 2``), recipe baseline (no teacher: the data path and the
+  student step only), the same steps; the note holds samples/s from the run's summary. p50_ms is ms per step.
 """
 
 from __future__ import annotations
@@ -110,9 +111,12 @@ def throughput(batch: int, steps: int, workers: int) -> list[dict]:
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="bench_stream_")
     try:
-        manifest = export_corpus(DataConfig(), os.path.join(root, "export"), formats=("wds",), shard_size=1000)
-        runs = {"map_style": DataConfig(), "wds_stream": DataConfig(dataset="wds", train_data=manifest["wds"],
-                                                                    workers=workers)}  # fmt: skip
+        manifest = export_corpus(DataConfig(), os.path.join(root, "export"), shard_size=1000)
+        runs = {
+            "map_style": DataConfig(),
+            "map_style_csv": DataConfig(dataset="csv", train_data=manifest["csv"]),
+            "wds_stream": DataConfig(dataset="wds", train_data=manifest["wds"], workers=workers),
+        }
         out = []
         for name, data in runs.items():
             t0 = time.perf_counter()

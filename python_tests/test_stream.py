@@ -168,6 +168,58 @@ def test_skip_bad_counts_each_skip_once_across_a_resume(corpus, student, cut_cor
         tail.close()
 
 
+@pytest.fixture(scope="module")
+def corrupt_corpus(corpus, tmp_path_factory) -> tuple[str, list[int]]:
+    """The shards with 3 samples of shard 2 whose PNG bytes are not an image (a valid tar); their ids."""
+    import io
+
+    import webdataset as wds
+
+    d = str(tmp_path_factory.mktemp("corrupt"))
+    for s in corpus["shards"]:
+        shutil.copy(s, d)
+    src = corpus["shards"][2]
+    bad_ids = []
+    buf = io.BytesIO()
+    with tarfile.open(src) as tar, wds.TarWriter(buf, encoder=False, mtime=0) as out:
+        members = {}
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+        for k, sample in enumerate(members.values()):
+            if k in (3, 17, 40):
+                sample["png"] = b"not a png"
+                bad_ids.append(json.loads(sample["json"])["id"])
+            out.write(sample)
+    with open(os.path.join(d, os.path.basename(src)), "wb") as f:
+        f.write(buf.getvalue())
+    return os.path.join(d, os.path.basename(corpus["pattern"])), bad_ids
+
+
+def test_skip_bad_samples_are_counted_once_across_a_resume(corpus, student, corrupt_corpus):
+    pattern, bad_ids = corrupt_corpus
+    s = rank_stream(corpus, student, 0, pattern=pattern)
+    with pytest.raises(ValueError, match=r"shard '.*-00002\.tar': member .*\.png: cannot decode image"):
+        take_ids(s, N)
+    s.close()
+    whole = rank_stream(corpus, student, 2, pattern=pattern, skip_bad=True)
+    want = take_ids(whole, 2 * (N - 3))
+    want_skipped = whole.state()["skipped_samples"]
+    whole.close()
+    assert 3 <= want_skipped <= 6  # epoch 1's 3, and those of epoch 2's that its first 197 samples passed
+    good = sorted(set(i for s in corpus["shards"] for i in shard_ids(s)) - set(bad_ids))
+    assert sorted(want[: N - 3]) == good and sorted(want[N - 3 :]) == good
+    for cut in (11, 99, N - 3, N + 20):
+        head = rank_stream(corpus, student, 2, pattern=pattern, skip_bad=True)
+        got = take_ids(head, cut)
+        tail = rank_stream(corpus, student, 2, pattern=pattern, skip_bad=True, state=head.state())
+        head.close()
+        got += take_ids(tail, 2 * (N - 3) - cut)
+        assert got == want, f"cut at {cut}"
+        assert tail.state()["skipped_samples"] == want_skipped, f"cut at {cut}"  # each skip counted once
+        tail.close()
+
+
 def test_a_shard_that_vanishes_during_training_is_named(corpus, student, tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
@@ -257,6 +309,39 @@ def test_streamed_training_stopped_mid_epoch_resumes_bit_for_bit(corpus, tmp_pat
     with pytest.raises(ValueError, match=r"--resume: .*data\.workers") as info:  # another split of the shards
         train.run_train(dataclasses.replace(cut, resume=True, steps=12, data=dataclasses.replace(cut.data, workers=1)))
     assert "\n" not in str(info.value)
+
+
+def test_streamed_cid_trains_on_the_kept_samples_with_their_pseudo_classes(corpus, tmp_path, monkeypatch):
+    """cid over shards: the pseudo-classes of a cluster run that kept 2 of every 3 cache rows; the first epoch is the
+    kept samples exactly once, and every sample's label is labels.npy's at its id's cache row (read independently)."""
+    from clipcid_fast.pipeline.balance import run_cluster
+
+    ids = np.concatenate([np.load(os.path.join(corpus["cache"], "ids", f)) for f in sorted(os.listdir(
+        os.path.join(corpus["cache"], "ids")))])  # fmt: skip
+    keep = np.arange(len(ids)) % 3 != 0
+    cluster = str(tmp_path / "cluster")
+    run_cluster(os.path.join(corpus["cache"], "image"), cluster, 4, keep=keep, niter=3)
+    labels = np.load(os.path.join(cluster, "labels.npy"))
+    label_of = {int(i): int(lab) for i, lab in zip(ids, labels)}
+    kept = sorted(int(i) for i in ids[keep])
+    seen = []
+    real_prepare = train.prepare
+
+    def spying(cfg, comm=None):
+        p = real_prepare(cfg, comm)
+
+        def step(batch):
+            seen.append((batch["id"].tolist(), batch["cluster_label"].tolist()))
+            return p.step(batch)
+
+        return dataclasses.replace(p, step=step)
+
+    monkeypatch.setattr(train, "prepare", spying)
+    summary = train.run_train(train_cfg(corpus, tmp_path / "cid", recipe="cid", cluster_dir=cluster, steps=6))
+    assert summary["train_samples"] == len(kept)
+    got = [i for b, _ in seen for i in b]
+    assert sorted(got[: len(kept)]) == kept
+    assert [lab for _, b in seen for lab in b] == [label_of[i] for i in got]
 
 
 def test_a_cut_shard_stops_training_with_its_name_or_is_skipped(corpus, cut_corpus, tmp_path, capsys):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .data._common import log
 from .data.wds_source import WebDatasetSource
 
 CHUNK = 16  # positions per worker chunk: the unit of the round-robin (a fixed part of the order)
@@ -105,10 +106,10 @@ class WorkerChunks(IterableDataset):
             where = f"shard {sample.get('__url__')!r}: sample {sample.get('__key__')!r}"
             try:
                 row, kept = self.lookup(_sample_id(sample), where)
-            except ValueError:
+            except ValueError as e:
                 if pos >= start and not src.skip_bad:
                     raise
-                row, kept = None, True  # a bad sample: it holds a position, and is skipped there
+                row, kept, why = None, True, e  # a bad sample: it holds a position, and is skipped there
             if not kept:
                 continue  # not a training sample (cid's balance or cluster dropped it): no position
             p, pos = pos, pos + 1
@@ -121,10 +122,12 @@ class WorkerChunks(IterableDataset):
             if row is not None:
                 try:
                     item = src._decode(sample)
-                except ValueError:
+                except ValueError as e:
                     if not src.skip_bad:
                         raise
+                    why = e
             if item is None:
+                log.warning("skipping %s (--skip-bad)", why)
                 bad[0] += 1
             else:
                 items.append((item, row, p))

@@ -14,7 +14,8 @@
    too) and nothing that depends on wall time, so an interrupted-and-resumed run writes the same file as
    an uninterrupted one; speed goes to the progress bar and ``summary.json``;
 5. checkpoints (``checkpoint.py``) every ``--ckpt-every`` steps and at the end; ``--resume`` continues
-   bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position);
+   bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position: the step on
+   the map-style sources, the stream's position with ``--dataset wds``, ``stream.py``);
 6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
 
 Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/latest.pt``, ``student.pt``
@@ -317,7 +318,11 @@ def _run(cfg: TrainConfig, comm: Comm) -> dict:
 
     p = prepare(cfg, comm)
     model, student, teacher, opt, sched = p.model, p.student, p.teacher, p.optimizer, p.scheduler
-    probe = evaluate.ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples) if cfg.eval_every and root else None
+    # shards hold no held-out labelled split to probe (the map-style sources' test corpus): no periodic zero-shot there
+    probed = cfg.eval_every and root and p.builder is not None
+    probe = evaluate.ZeroShotProbe(cfg.data, student, cfg.seed, cfg.eval_samples) if probed else None
+    if cfg.eval_every and root and p.builder is None:
+        print("train: no periodic zero-shot on --dataset wds (the shards have no held-out split); --eval-every ignored")
 
     start, lines = 0, []
     if resume is not None:
