@@ -51,6 +51,14 @@ def corpus(tmp_path_factory) -> dict:
     return {"root": root, "pattern": manifest["wds"], "shards": shards, "models": mc, "data": data, "cache": cache}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _trainer_on_cpu():
+    """The bitwise checks are of the CPU fp32 trainer (test_train's rule): a CUDA machine's GPU is not shown here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 def shard_ids(path: str) -> list[int]:
     """The sample ids of one shard, read from its json members (not through the package)."""
     with tarfile.open(path) as tar:
