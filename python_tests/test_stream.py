@@ -456,3 +456,12 @@ def test_torchrun_two_ranks_stopped_and_resumed_equal_the_uninterrupted_run(corp
     ca, cb = (torch.load(os.path.join(c.out_dir, "checkpoints", "latest.pt"), weights_only=False) for c in (full, cut))
     for key in ("model", "optimizer", "metrics", "data"):
         assert_same_tensors(ca[key], cb[key], f"latest.pt[{key!r}]")
+
+
+def test_a_rank_without_a_sample_is_one_line_not_a_hang(corpus, student):
+    cfg = dataclasses.replace(corpus["data"], wds_shuffle_buffer=40)
+    src = build_dataset(cfg, student.preprocess, student.tokenizer, rank=4, world_size=5, shuffle_seed=0)
+    s = RankStream(src, 0, _Lookup())
+    with pytest.raises(ValueError, match=r"rank 4 of 5 has no training sample in its 0 of 4 shards") as info:
+        s.take(1)
+    assert "\n" not in str(info.value)

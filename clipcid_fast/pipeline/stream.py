@@ -236,7 +236,17 @@ class RankStream:
     def _forever(self):
         """(chunk, first untaken sample, its sample count) in the rank's order, epoch after epoch."""
         while True:
-            yield from self._epoch()
+            fresh, given = not any(self.pos) and not any(self.done), 0
+            for chunk in self._epoch():
+                given += 1
+                yield chunk
+            if fresh and not given:  # a whole epoch without a sample: the next ones would be empty too
+                src = self.source
+                mine = len(src.shard_order()[src.rank :: src.world_size])
+                raise ValueError(
+                    f"--train-data: rank {src.rank} of {src.world_size} has no training sample in its {mine} of "
+                    f"{len(src.shards)} shards (fewer shards than ranks, or all its samples bad or not kept)"
+                )
             self.epoch += 1
             self.pos, self.done, self.pointer = [0] * self.workers, [False] * self.workers, 0
 
