@@ -114,10 +114,11 @@ def test_an_epoch_is_every_shard_sample_once_in_a_seeded_order(corpus, student):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_any_position_draws_what_the_uninterrupted_stream_draws(corpus, student, workers):
-    """Cut points inside a chunk, on a chunk boundary, at the epoch's last sample, and in the second epoch."""
+    """Cut points inside a chunk of worker 1 and of worker 0, on chunk boundaries before either's turn, in the
+    epoch's last (short) chunk, at its last sample, and in the second epoch."""
     total = 2 * N + 30
     want = take_ids(rank_stream(corpus, student, workers), total)
-    for cut in (37, 2 * CHUNK, N, N + 71):
+    for cut in (CHUNK + 5, 2 * CHUNK + 5, 2 * CHUNK, 3 * CHUNK, N - 2, N, N + 71):
         head = rank_stream(corpus, student, workers)
         got = take_ids(head, cut)
         state = head.state()
