@@ -627,7 +627,7 @@ def assert_same_tensors(a, b, where: str) -> None:
 def test_sigkill_then_resume_is_bit_identical(recipe, killed_runs, assets, tmp_path, capsys):
     """A run SIGKILLed at a random step, then resumed (resume=True) to the end, ends exactly where an
     uninterrupted run ends: the same student.pt tensors (bitwise), the same recipe parameters (cid's centres and
-    instance scale, its projection) and optimizer state in checkpoints/latest.pt, and a byte-identical
+    instance scale, its projection) and optimizer state in its newest checkpoint, and a byte-identical
     metrics.jsonl (eval lines included for baseline)."""
     run = killed_runs[recipe]
     threads = torch.get_num_threads()
@@ -665,7 +665,7 @@ def check_kill_and_resume(recipe: str, run: dict, full: TrainConfig, capsys) -> 
     if recipe == "cid":
         assert {"proj_image.weight", "cluster.centres", "instance.scale"} <= set(cb["recipe"])
     for key in ("model", "recipe", "optimizer", "scheduler", "metrics"):
-        assert_same_tensors(ca[key], cb[key], f"latest.pt[{key!r}]")
+        assert_same_tensors(ca[key], cb[key], f"checkpoint[{key!r}]")
     with open(os.path.join(full.out_dir, "metrics.jsonl"), "rb") as f:
         want = f.read()
     with open(os.path.join(killed_dir, "metrics.jsonl"), "rb") as f:
@@ -720,7 +720,7 @@ def test_a_signal_checkpoints_its_step_and_the_resume_is_bit_identical(assets, t
         assert_same_tensors(a, b, f"{signal.Signals(sig).name}: student.pt")
         ca, cb = latest(full), latest(cut)
         for key in ("model", "recipe", "optimizer", "scheduler", "metrics"):
-            assert_same_tensors(ca[key], cb[key], f"{signal.Signals(sig).name}: latest.pt[{key!r}]")
+            assert_same_tensors(ca[key], cb[key], f"{signal.Signals(sig).name}: checkpoint[{key!r}]")
         with (
             open(os.path.join(full.out_dir, "metrics.jsonl"), "rb") as f,
             open(os.path.join(cut.out_dir, "metrics.jsonl"), "rb") as g,
@@ -831,7 +831,7 @@ def test_nan_weight_stops_at_step_one_with_the_terms(assets, tmp_path):
 
 def test_nan_midway_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
     """A batch that turns the loss to NaN at step 3 (checkpoints every 2 steps): the run stops naming step 3 and its
-    terms, latest.pt is byte for byte the step-2 one, and no student.pt is written."""
+    terms, the newest checkpoint is byte for byte the step-2 one, and no student.pt is written."""
     cfg = make_cfg(assets, tmp_path / "run", "rd", steps=6, ckpt_every=2)
     ckpt = checkpoint.path_of(os.path.join(cfg.out_dir, "checkpoints"), 2)
     snapshot = {}

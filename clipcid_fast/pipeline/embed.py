@@ -6,6 +6,7 @@ Output directory ``out_dir``::
     text/00000.npy    float16 [rows, D]  L2-normalised caption features (row i: the caption of image row i)
     ids/00000.npy     int64 [rows]       sample ids
     labels/00000.npy  int64 [rows]       class labels (-1 where the source has none)
+    id_index/         ids.npy (ascending) + rows.npy: the id -> row index readers memory-map (id_index.py)
     manifest.json     written first: model (name, fingerprint, model_cfg), dataset identity, shard_rows
     embed.json        written last: model (+ logit_scale, exp'd), dataset (the DataConfig + corpus summary),
                       count, dim, dtype, shard_rows, shards, normalized, seconds, images_per_second
@@ -43,6 +44,7 @@ from ._io import atomic_json, atomic_npy, clean_tmp
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
 from .embed_meta import dataset_identity, model_meta, plain, read_json, refuse_other_run, short
+from .id_index import IdIndex, open_index, write_index  # noqa: F401 (IdIndex: the readers' type)
 from .models import image_features, model_device_dtype, text_features  # noqa: F401 (the writer's encoders)
 
 if TYPE_CHECKING:
@@ -250,6 +252,9 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
     if shards != list(range(len(shards))) or any(_shard_rows_on_disk(out_dir, k) is None for k in shards):
         raise ValueError(f"embed: {out_dir!r}: shards are missing after the run ({shards[:5]}…); rerun to redo them")
     first_image = np.load(os.path.join(out_dir, "image", shard_name(0)), mmap_mode="r") if shards else None
+    # the id -> row index beside the features, before embed.json: readers open it instead of sorting every id
+    all_ids = [np.load(os.path.join(out_dir, "ids", shard_name(k)), mmap_mode="r") for k in shards]
+    write_index(out_dir, np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64))
     summary = {
         **meta,
         "count": int(sum(_shard_rows_on_disk(out_dir, k) for k in shards)),
@@ -373,34 +378,6 @@ class ShardedRows:
         return out
 
 
-class IdIndex:
-    """Sample id -> row of an embedding directory (the trainer reads teacher features by id)."""
-
-    def __init__(self, ids: np.ndarray):
-        self.order = np.argsort(ids, kind="stable")
-        self.sorted = ids[self.order]
-        repeat = np.flatnonzero(self.sorted[1:] == self.sorted[:-1])
-        self.repeated = None
-        if repeat.size:
-            j = int(repeat[0])
-            self.repeated = (int(self.sorted[j]), int(self.order[j]), int(self.order[j + 1]))
-
-    def __call__(self, ids) -> np.ndarray:
-        """Rows (int64) of the given ids; an id that is not there, or that repeats, is a ValueError."""
-        if self.repeated is not None:
-            sid, a, b = self.repeated
-            raise ValueError(f"embeddings: id {sid} is at rows {a} and {b}: ids repeat, so no id -> row lookup")
-        query = np.asarray(ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.sorted, query), max(len(self.sorted) - 1, 0))
-        missing = ~(self.sorted[pos] == query) if len(self.sorted) else np.ones(query.shape, bool)
-        if missing.any():
-            raise ValueError(
-                f"embeddings: {int(missing.sum())} of {query.size} ids are not embedded (the first: "
-                f"{int(query[missing].flat[0])}); embed the corpus that holds them"
-            )
-        return self.order[pos]
-
-
 def _expected_fields(expect, fields_of) -> dict:
     if expect is None:
         return {}
@@ -460,7 +437,8 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
         raise ValueError(f"embeddings {path!r}: {len(image)} rows on disk, embed.json counts {meta['count']}")
     ids = np.concatenate(columns["ids"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
     labels = np.concatenate(columns["labels"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
-    return {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": IdIndex(ids)}
+    row_of = open_index(path, len(ids), ids)  # the persisted index (id_index.py), or one built from the ids
+    return {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": row_of}
 
 
 TRAINING_IDENTITY = ("dataset", "train_data", "corpus", "student_samples", "caption_noise", "data_seed",

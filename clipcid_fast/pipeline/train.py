@@ -14,7 +14,8 @@
    too) and nothing that depends on wall time, so an interrupted-and-resumed run writes the same file as
    an uninterrupted one; speed goes to the progress bar and ``summary.json``;
 5. checkpoints (``checkpoint.py``) every ``--ckpt-every`` steps and at the end; ``--resume`` continues
-   bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position);
+   bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position: the step on
+   the map-style sources, the stream's position with ``--dataset wds``, ``stream.py``);
 6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
 
 Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt`` (+ ``.sha256``), ``student.pt``
@@ -169,14 +170,16 @@ class Prepared:
     recipe: Recipe
     optimizer: torch.optim.Optimizer
     scheduler: object
-    stream: SampleStream
-    builder: BatchBuilder
+    stream: SampleStream  # or stream_train.StreamedBatches (--dataset wds), which builds the batches itself
+    builder: BatchBuilder | None
     step: TrainStep
     train_samples: int
     dataset_samples: int
     num_classes: int | None
 
     def batch(self, i: int) -> dict:
+        if self.builder is None:  # streamed: steps in order, from the start or the resumed data position
+            return self.stream.batch(i)
         return self.builder(self.stream.rows(i))
 
 
@@ -199,31 +202,41 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
         teacher = teacher if comm.rank == 0 and teacher is not None else load()
 
     # -- data
-    dataset = data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
-    ds_ids = np.asarray(dataset.ids, dtype=np.int64)
-    train_index = np.arange(len(dataset))
-    cache = labels = centroids = None
+    streamed = cfg.data.dataset == "wds"  # an iterable source: stream_train.py
+    dataset = None if streamed else data.build_dataset(cfg.data, student.preprocess, student.tokenizer)
+    ds_ids = None if streamed else np.asarray(dataset.ids, dtype=np.int64)
+    train_index = None if streamed else np.arange(len(dataset))
+    cache = labels = centroids = kept_rows = None
     cached_teacher = teacher is not None and not cfg.online_teacher
     if cached_teacher or TABLE[cfg.recipe].labels:  # the pseudo-classes are indexed by cache row, online or not
         emb = embed.load_teacher_cache(cfg.teacher_cache, cfg.recipe, teacher, to_dict(cfg.data))
         cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
-    if cached_teacher:
+    if streamed:  # every sample's id is looked up as it is read (a missing one is an error naming its shard)
+        from .stream_train import StreamedBatches
+
+        if TABLE[cfg.recipe].labels:
+            kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+        stream = StreamedBatches(cfg, comm, student, cache, labels, kept_rows)
+        builder, n_train, n_data = None, stream.train_samples, stream.dataset_samples
+    elif cached_teacher:
         missing = ~np.isin(ds_ids, np.asarray(emb["ids"]))
         if missing.any():
             raise ValueError(
                 f"--teacher-cache lacks {int(missing.sum())} of the dataset's samples (e.g. id {ds_ids[missing][0]})"
             )
-    if TABLE[cfg.recipe].labels:
-        kept_rows, labels, centroids = _cid_inputs(cfg, emb)
-        train_index = train_index[np.isin(ds_ids, np.asarray(emb["ids"])[kept_rows])]
-    if cfg.batch_size > len(train_index):  # the stream would repeat rows inside a batch: a sample its own negative
-        kept = " (the rows cid keeps)" if TABLE[cfg.recipe].labels else ""
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(train_index)} training rows{kept}: a batch would "
-            "hold the same sample twice; use a smaller --batch-size"
-        )
-    stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
-    builder = BatchBuilder(dataset, train_index, cache, labels)
+    if not streamed:
+        if TABLE[cfg.recipe].labels:
+            kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+            train_index = train_index[np.isin(ds_ids, np.asarray(emb["ids"])[kept_rows])]
+        if cfg.batch_size > len(train_index):  # the stream would repeat rows in a batch: a sample its own negative
+            kept = " (the rows cid keeps)" if TABLE[cfg.recipe].labels else ""
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} is larger than the {len(train_index)} training rows{kept}: a batch "
+                "would hold the same sample twice; use a smaller --batch-size"
+            )
+        stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
+        builder = BatchBuilder(dataset, train_index, cache, labels)
+        n_train, n_data = len(train_index), len(dataset)
     t_scale = None
     if teacher is not None:
         # on the step's device: the loss ops refuse a scale on another device than the features, and the online
@@ -251,7 +264,7 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
                      teacher_scale=t_scale, mean_terms=cfg.local_loss)  # fmt: skip
     n_cls = recipe.cluster.num_classes if recipe.cluster is not None else None
     return Prepared(cfg, comm, device, student, teacher, model, recipe, opt, sched, stream, builder, step,
-                    len(train_index), len(dataset), n_cls)  # fmt: skip
+                    n_train, n_data, n_cls)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +374,8 @@ def _run(cfg: TrainConfig, comm: Comm, held: contextlib.ExitStack) -> dict:
         sched.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"])
         start, lines = resume["step"], list(resume["metrics"])
+        if p.builder is None:  # streamed: the data position is in the checkpoint (refused on another split)
+            p.stream.resume(resume.get("data"), start)
         if root:
             print(f"resumed {out} at step {start}")
     metrics = reporters = None
@@ -411,13 +426,14 @@ def _run(cfg: TrainConfig, comm: Comm, held: contextlib.ExitStack) -> dict:
         nonlocal ckpt_path
         flush()
         state = checkpoint.full_state(p.comm, p.recipe, p.optimizer)  # collective
+        streamed = {"data": p.stream.state()} if p.builder is None else {}  # collective too
         if root:
             metrics.flush()
             rsd, osd = state
             ckpt_path = checkpoint.save(ckpt_dir, step, keep=cfg.keep_checkpoints, model=model.state_dict(),
                                         model_cfg=student.model_cfg, recipe=rsd, optimizer=osd,
                                         scheduler=sched.state_dict(), metrics=lines, config=cfg_dict,
-                                        inputs=inputs, threads=torch.get_num_threads())  # fmt: skip
+                                        inputs=inputs, threads=torch.get_num_threads(), **streamed)  # fmt: skip
 
     def _one_step(step: int) -> None:
         nonlocal seen
@@ -475,6 +491,12 @@ def _run(cfg: TrainConfig, comm: Comm, held: contextlib.ExitStack) -> dict:
         "teacher": teacher.info if teacher is not None else None,
         "data": to_dict(cfg.data),
     }
+    if p.builder is None:  # streamed: what --skip-bad skipped, over every rank and the runs before a resume
+        summary["skipped"] = p.stream.skipped(p.stream.state())  # collective
+        p.stream.close()
+        if root and any(summary["skipped"].values()):
+            print(f"skipped {summary['skipped']['samples']} bad samples and {summary['skipped']['shards']} bad "
+                  "shards (--skip-bad)")  # fmt: skip
     if root:
         atomic_torch(final, {"model": model.state_dict(), "model_cfg": student.model_cfg})
         atomic_json(os.path.join(out, "summary.json"), summary)

@@ -123,11 +123,7 @@ class WebDatasetSource(IterableDataset):
             log.warning("rank %d worker %d has no shard (%d shards for %d ranks × %d workers)",
                         self.rank, worker, len(self.shards), self.world_size, num_workers)  # fmt: skip
             return
-        samples = self._raw_samples(my_shards)
-        if self.shuffle_seed is not None:
-            stream = (int(self.shuffle_seed), self.epoch, self.rank, self.world_size, worker, num_workers)
-            rng = random.Random(int(np.random.SeedSequence([SHUFFLE_STREAM, *stream]).generate_state(1)[0]))
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        samples = self.raw_stream(my_shards, worker, num_workers)
         skipped_before = self.skipped
         for sample in samples:
             try:
@@ -142,6 +138,15 @@ class WebDatasetSource(IterableDataset):
         if self.skipped > skipped_before:
             log.warning("rank %d worker %d: skipped %d bad samples this pass (skip_bad)",
                         self.rank, worker, self.skipped - skipped_before)  # fmt: skip
+
+    def raw_stream(self, shards: list[str], worker: int, num_workers: int):
+        """Undecoded samples of ``shards`` (this rank's ``worker``'s), buffer-shuffled when there is a shuffle_seed."""
+        samples = self._raw_samples(shards)
+        if self.shuffle_seed is not None:
+            stream = (int(self.shuffle_seed), self.epoch, self.rank, self.world_size, worker, num_workers)
+            rng = random.Random(int(np.random.SeedSequence([SHUFFLE_STREAM, *stream]).generate_state(1)[0]))
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        return samples
 
     def _raw_samples(self, shards: list[str]):
         """Undecoded samples (dicts of member bytes), shard after shard; an empty or unreadable shard is bad."""
