@@ -483,6 +483,30 @@ def test_wds_empty_and_missing_shards(exported, student_cfg, preprocess, tokeniz
     assert ds.skipped_shards == 2 and len(ds.shards) == 6
 
 
+def test_wds_shard_cut_on_a_sample_boundary_is_caught_by_its_stats(exported, student_cfg, preprocess, tokenizer,
+                                                                    tmp_path):  # fmt: skip
+    """A shard rewritten with its first 20 samples only is a valid tar: without img2dataset's ``_stats.json`` (which
+    export-data writes too) 30 rows would vanish silently; with it, one line naming the shard and both counts."""
+    pattern = copy_shards(exported, str(tmp_path))
+    shard = wds.shardlists.expand_urls(pattern)[2]
+    with open(shard.replace(".tar", "_stats.json")) as f:
+        assert json.load(f)["successes"] == SHARD_SIZE
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keep = sorted({m.name.split(".")[0] for m, _ in members})[:20]
+    with tarfile.open(shard, "w") as tar:
+        for info, content in members:
+            if info.name.split(".")[0] in keep:
+                tar.addfile(info, io.BytesIO(content))
+    with pytest.raises(ValueError, match=rf"student-00002\.tar'?: holds 20 samples, its student-00002_stats\.json says "
+                       rf"{SHARD_SIZE} \(successes\): cut short or rewritten"):  # fmt: skip
+        list(build_dataset(wds_cfg(student_cfg, pattern), preprocess, tokenizer))
+    ds = build_dataset(wds_cfg(student_cfg, pattern, skip_bad=True), preprocess, tokenizer)
+    assert len(list(ds)) == N_EXPORT - SHARD_SIZE + 20 and ds.skipped_shards == 1
+    os.remove(shard.replace(".tar", "_stats.json"))  # no stats: nothing to check against (a shard of any size)
+    assert len(list(build_dataset(wds_cfg(student_cfg, pattern), preprocess, tokenizer))) == N_EXPORT - SHARD_SIZE + 20
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # export
 
@@ -504,7 +528,8 @@ def test_export_is_atomic_and_reruns_byte_identical(exported, student_cfg, tmp_p
     manifest = json.load(open(again["manifest"]))
     assert manifest["num_wrong_captions"] == round(0.4 * N_EXPORT) and manifest["num_shards"] == 6
     smaller = export_corpus(student_cfg, str(tmp_path), formats=("wds",), shard_size=SHARD_SIZE, limit=120)
-    assert sorted(os.listdir(os.path.dirname(smaller["wds"]))) == [f"student-{k:05d}.tar" for k in range(3)]
+    assert sorted(os.listdir(os.path.dirname(smaller["wds"]))) == sorted(
+        f"student-{k:05d}{end}" for k in range(3) for end in (".tar", "_stats.json"))  # fmt: skip
     with pytest.raises(ValueError, match="formats"):
         export_corpus(student_cfg, str(tmp_path), formats=("parquet",))
     with pytest.raises(ValueError, match="shard_size"):

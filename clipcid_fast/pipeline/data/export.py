@@ -26,7 +26,7 @@ import re
 import pandas as pd
 import webdataset as wds
 
-from .._io import atomic_bytes
+from .._io import atomic_bytes, atomic_json
 from .fashion_mnist import CLASS_NAMES, FashionMnistCorpus
 
 FORMATS = ("csv", "wds", "folders")
@@ -96,10 +96,13 @@ def export_corpus(cfg, out_dir: str, formats=("csv", "wds"), shard_size: int = 1
                             "caption_label": int(corpus.caption_labels[i])}  # fmt: skip
                     tar.write({"__key__": keys[i], "png": pngs[i], "txt": captions[i].encode(),
                                "json": json.dumps(meta).encode()})  # fmt: skip
+            count = min(n, (k + 1) * shard_size) - k * shard_size
+            # img2dataset's per-shard statistics (the count is what readers check a shard against), then the shard
+            atomic_json(os.path.join(shard_dir, f"{name}-{k:05d}_stats.json"), {"count": count, "successes": count})
             atomic_bytes(os.path.join(shard_dir, f"{name}-{k:05d}.tar"), buf.getvalue(), durable=True)
         # Shards past the new count, left by an earlier and larger export, would be read by a glob: remove them.
         for entry in os.listdir(shard_dir):
-            match = re.fullmatch(rf"{re.escape(name)}-(\d{{5}})\.tar", entry)
+            match = re.fullmatch(rf"{re.escape(name)}-(\d{{5}})(\.tar|_stats\.json)", entry)
             if match and int(match.group(1)) >= num_shards:
                 os.remove(os.path.join(shard_dir, entry))
         manifest["wds"] = os.path.join(shard_dir, f"{name}-{{00000..{num_shards - 1:05d}}}.tar")

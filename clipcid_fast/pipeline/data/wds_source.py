@@ -164,6 +164,11 @@ class WebDatasetSource(IterableDataset):
                 continue
             if count == 0:
                 self._bad_shard(f"shard {shard!r}: empty shard (no samples)")
+                continue
+            expected = shard_stats_count(shard)
+            if expected is not None and count != expected:  # a tar cut on a sample boundary reads as valid
+                self._bad_shard(f"shard {shard!r}: holds {count} samples, its {os.path.basename(stats_path(shard))} "
+                                f"says {expected} (successes): cut short or rewritten")  # fmt: skip
 
     def _bad_shard(self, message: str) -> None:
         if not self.skip_bad:
@@ -212,6 +217,26 @@ class WebDatasetSource(IterableDataset):
                 return int(str(candidate).strip())
         raise ValueError(f"shard {url!r}: sample {key!r} has no sample id (no 'id' in {key}.json and the key is not "
                          "a number); ids key the feature caches, so every sample needs one")  # fmt: skip
+
+
+def stats_path(shard: str) -> str:
+    """img2dataset's per-shard statistics beside a shard: ``00012.tar`` -> ``00012_stats.json``."""
+    return os.path.splitext(shard)[0] + "_stats.json"
+
+
+def shard_stats_count(shard: str) -> int | None:
+    """The sample count a local shard's ``_stats.json`` records (img2dataset's ``successes``), None without one."""
+    if not _is_local(shard):
+        return None
+    path = stats_path(_local_path(shard))
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            n = json.load(f)["successes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"shard {shard!r}: unreadable {os.path.basename(path)} ({type(e).__name__}: {e})") from None
+    return _int_id(n, f"{path} 'successes'")
 
 
 def _count_samples(shard: str) -> int:
