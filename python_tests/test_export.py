@@ -249,7 +249,7 @@ def test_a_checkpoint_whose_tokenizer_folder_is_gone_is_one_line(tmp_path, capsy
     path, _ = _checkpoint_with(tmp_path, "gone.pt", "/gone/my-tokenizer")
     line = run_cli(["eval", "--model", path, "--out", str(tmp_path / "e.json"), "--no-progress"], capsys)
     assert line == (
-        "clipcid-fast: error: --model: text_cfg.hf_tokenizer_name = '/gone/my-tokenizer' is no folder on this "
+        "clipcid-fast eval: error: --model: text_cfg.hf_tokenizer_name = '/gone/my-tokenizer' is no folder on this "
         f"machine and names no known asset ({assets.MINILM.name}); give a config whose hf_tokenizer_name is a local "
         "folder"
     )
@@ -266,7 +266,7 @@ def test_eval_of_a_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(
     want = tuple(models.build_open_clip(wide).state_dict()[key].shape)
     line = run_cli(["eval", "--model", path, "--out", str(tmp_path / "e.json"), "--no-progress"], capsys)
     assert line.startswith(
-        f"clipcid-fast: error: --model: {path!r} does not fit its own model_cfg: {key} has shape "
+        f"clipcid-fast eval: error: --model: {path!r} does not fit its own model_cfg: {key} has shape "
         f"{tuple(model.state_dict()[key].shape)} in the file, the config builds {want} (and "
     )
     assert not os.path.exists(tmp_path / "e.json")
@@ -283,7 +283,7 @@ def test_student_weights_of_the_wrong_shape_are_one_line(tmp_path, capsys, comma
     extra = ["--model", "student"] if command == "eval" else ["--recipe", "baseline", "--steps", "1"]
     line = run_cli([command, *extra, "--student-weights", path, *out, "--no-progress"], capsys)
     assert line == (
-        f"clipcid-fast: error: --student-weights: {path!r} does not fit the student config: text_projection has "
+        f"clipcid-fast {command}: error: --student-weights: {path!r} does not fit the student config: text_projection has "
         f"shape (3, 3) in the file, the config builds {want}"
     )
     assert sorted(os.listdir(tmp_path)) == ["bad.pt"]  # nothing written
