@@ -283,7 +283,7 @@ def test_student_weights_of_the_wrong_shape_are_one_line(tmp_path, capsys, comma
     extra = ["--model", "student"] if command == "eval" else ["--recipe", "baseline", "--steps", "1"]
     line = run_cli([command, *extra, "--student-weights", path, *out, "--no-progress"], capsys)
     assert line == (
-        f"clipcid-fast {command}: error: --student-weights: {path!r} does not fit the student config: text_projection has "
-        f"shape (3, 3) in the file, the config builds {want}"
+        f"clipcid-fast {command}: error: --student-weights: {path!r} does not fit the student config: "
+        f"text_projection has shape (3, 3) in the file, the config builds {want}"
     )
     assert sorted(os.listdir(tmp_path)) == ["bad.pt"]  # nothing written
