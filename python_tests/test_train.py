@@ -344,11 +344,12 @@ def trained(request, assets, tmp_path_factory) -> dict:
     payloads = {}
     real_save = train.checkpoint.save
 
-    def save(path, **payload):
-        if payload["step"] == 1:
-            payloads[1] = copy.deepcopy(payload)
-        if payload["step"] == cfg.steps:
-            real_save(path, **payload)
+    def save(ckpt_dir, step, **payload):
+        if step == 1:
+            payloads[1] = copy.deepcopy({**payload, "step": step})
+        if step == cfg.steps:
+            return real_save(ckpt_dir, step, **payload)
+        return checkpoint.path_of(ckpt_dir, step)
 
     with pytest.MonkeyPatch.context() as mp:
         seen = spy_recipe(mp)

@@ -184,8 +184,8 @@ def test_one_process_checkpoint_resumed_by_two(assets, plain, tmp_path, monkeypa
     class Killed(Exception):
         pass
 
-    def save_then_die(path, **payload):
-        real_save(path, **payload)
+    def save_then_die(*args, **payload):
+        real_save(*args, **payload)
         raise Killed
 
     monkeypatch.setattr(train.checkpoint, "save", save_then_die)
