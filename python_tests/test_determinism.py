@@ -45,8 +45,8 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[st
 
 def test_student_trained_twice_has_the_same_weights(tmp_path, two_threads):
     # captions repeat (10 classes x the templates): the dedup's copies are summed in the backward of every step
-    cfg = TrainConfig(out_dir=str(tmp_path), recipe="baseline", steps=3, batch_size=128, warmup=0, eval_every=0,
-                      progress=False, data=DataConfig(student_samples=256))  # fmt: skip
+    cfg = TrainConfig(out_dir=str(tmp_path), recipe="baseline", steps=2, batch_size=128, warmup=0, eval_every=0,
+                      progress=False, data=DataConfig(student_samples=128))  # fmt: skip
     first = trained_weights(cfg, cfg.steps)
     torch.rand(5)  # other work in between: the run must not depend on the global RNG it finds
     second = trained_weights(cfg, cfg.steps)
@@ -57,7 +57,7 @@ def test_student_trained_twice_has_the_same_weights(tmp_path, two_threads):
 def test_default_teacher_is_a_function_of_its_recipe(tmp_path, two_threads):
     """Trained twice (separate caches) after different draws from the global RNG: the same weights, and the caller's
     RNG left where it was."""
-    recipe = dict(teacher_samples=256, teacher_epochs=1, teacher_batch_size=128)
+    recipe = dict(teacher_samples=128, teacher_epochs=1, teacher_batch_size=64)
     torch.manual_seed(1)
     a = models.load_model(ModelConfig(cache_dir=str(tmp_path / "a"), **recipe), "teacher", progress=False)
     torch.manual_seed(2)

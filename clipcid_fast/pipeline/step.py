@@ -41,10 +41,12 @@ class StudentForward(nn.Module):
     ``distinct`` / ``inverse`` (from ``torch.unique`` on the host) encode each distinct caption once and index
     the rows back: exact, since rows are independent through the text tower, and backward sums the copies.
 
-    The copies are made by ``index_select``, not ``t[inverse]``: on the CPU the backward of advanced indexing
+    The copies are an embedding lookup, not ``t[inverse]``: on the CPU the backward of advanced indexing
     (``index_put_`` with accumulation) adds the copies' gradients with atomic adds over threads once a batch holds
-    32768 elements (B >= 86 at width 384), so their order, and the run's bits, followed thread scheduling;
-    ``index_select``'s backward (``index_add_``) sums them in row order, the order a 1-thread run uses."""
+    32768 elements (B >= 86 at width 384), so their order, and the run's bits, followed thread scheduling.
+    ``embedding``'s backward sums each distinct row's copies in batch order (one thread per row on the CPU, the
+    sum a 1-thread run of the old code made; sorted segments on CUDA), where ``index_select``'s would be
+    ``index_add_``, atomic on CUDA."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -53,7 +55,7 @@ class StudentForward(nn.Module):
     def forward(self, images: Tensor, texts: Tensor | None, distinct: Tensor | None = None, inverse=None):
         img = self.model.encode_image(images)
         if distinct is not None:
-            txt = torch.index_select(self.model.encode_text(distinct), 0, inverse)
+            txt = nn.functional.embedding(inverse, self.model.encode_text(distinct))
         else:
             txt = self.model.encode_text(texts)
         return img, txt, self.model.logit_scale.exp()
