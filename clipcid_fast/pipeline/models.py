@@ -55,7 +55,8 @@ TEACHER_VISION = {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32, "image_
 STUDENT_VISION = {"layers": [1, 1, 1, 1], "width": 4, "head_width": 32, "image_size": IMAGE_SIZE}
 TEACHER_LOGIT_SCALE = 20.0
 # bump when the default teacher's training code changes in a way its recipe fields do not show
-TEACHER_RECIPE_VERSION = 1
+# (2: the image tower is initialised from teacher_seed, no longer from the caller's global RNG)
+TEACHER_RECIPE_VERSION = 2
 MINILM_PACKAGE = assets.MINILM.package
 
 
@@ -308,14 +309,21 @@ def load_model(
     spec = cfg.teacher if which == "teacher" else cfg.student
     weights = cfg.teacher_weights if which == "teacher" else cfg.student_weights
     name, model_cfg = _config_for(spec, cfg.context_length, which)
+    if spec == "default" and which == "teacher" and weights is None:
+        # The image tower's initialisation is part of the teacher's recipe (teacher_seed): drawn from whatever state
+        # the caller's RNG was in, the same recipe key trained different teachers (`embed` in a fresh process, the
+        # trainer after its student, ...). Its own generator also leaves the caller's RNG as it was, trained or not.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.teacher_seed)
+            model = build_open_clip(model_cfg, which=which)
+            _default_teacher_weights(model, model_cfg, cfg, data_cfg or DataConfig(), progress)
+        return _loaded(model, model_cfg, name, which)
     if which == "student" and weights is None:
         torch.manual_seed(seed)  # a fresh student is the same student on every call
     model = build_open_clip(model_cfg, which=which)
     if weights is not None:
         state, _ = read_state_dict(weights, which)
         load_weights(model, state, weights, which)
-    elif spec == "default" and which == "teacher":
-        _default_teacher_weights(model, model_cfg, cfg, data_cfg or DataConfig(), progress)
     return _loaded(model, model_cfg, name, which)
 
 

@@ -39,7 +39,14 @@ class StudentForward(nn.Module):
     """The student's ``(image_features, text_features, logit_scale.exp())`` as one ``forward`` (what DDP hooks).
 
     ``distinct`` / ``inverse`` (from ``torch.unique`` on the host) encode each distinct caption once and index
-    the rows back: exact, since rows are independent through the text tower, and backward sums the copies."""
+    the rows back: exact, since rows are independent through the text tower, and backward sums the copies.
+
+    The copies are an embedding lookup, not ``t[inverse]``: on the CPU the backward of advanced indexing
+    (``index_put_`` with accumulation) adds the copies' gradients with atomic adds over threads once a batch holds
+    32768 elements (B >= 86 at width 384), so their order, and the run's bits, followed thread scheduling.
+    ``embedding``'s backward sums each distinct row's copies in batch order (one thread per row on the CPU, the
+    sum a 1-thread run of the old code made; sorted segments on CUDA), where ``index_select``'s would be
+    ``index_add_``, atomic on CUDA."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -47,7 +54,10 @@ class StudentForward(nn.Module):
 
     def forward(self, images: Tensor, texts: Tensor | None, distinct: Tensor | None = None, inverse=None):
         img = self.model.encode_image(images)
-        txt = self.model.encode_text(distinct)[inverse] if distinct is not None else self.model.encode_text(texts)
+        if distinct is not None:
+            txt = nn.functional.embedding(inverse, self.model.encode_text(distinct))
+        else:
+            txt = self.model.encode_text(texts)
         return img, txt, self.model.logit_scale.exp()
 
 
