@@ -14,7 +14,7 @@ from conftest import TARGETS_CPU, on_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipcid_fast import reference
+from clipcid_fast import _backend, reference
 from clipcid_fast.losses import ClusterDiscriminationLoss
 from clipcid_fast.ops import mlcd
 
@@ -231,6 +231,47 @@ def test_k1_is_not_the_single_label_loss():
     expected = torch.log1p(torch.exp(-tgt)) + torch.log1p(torch.exp(neg))
     torch.testing.assert_close(reference.mlcd_loss(x, w, lab), expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(expected, single)
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpu", marks=needs_cpu)])
+def test_one_sided_gradients(impl):
+    """Frozen centres (no dW work) or constant embeddings: the wanted gradient alone, equal to the reference's."""
+    x, w, lab, go = _inputs(21, 600, 16, 3, torch.float32)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx_ref, gw_ref = torch.autograd.grad(reference.mlcd_loss(xr, wr, lab), (xr, wr), go)
+    xf, wf = x.float(), w.float()
+    (gx,) = torch.autograd.grad(mlcd.mlcd_loss(xf.requires_grad_(), wf, lab, impl=impl), xf, go.float())
+    (gw,) = torch.autograd.grad(mlcd.mlcd_loss(x.float(), wf.requires_grad_(), lab, impl=impl), wf, go.float())
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-4, atol=1e-4 * gx_ref.abs().max().item())
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-4 * gw_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_opcheck(backend):
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("C++ kernel not in this build")
+    if backend == "triton" and not _backend.triton_usable_on(torch.device("cpu")):
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU tensors")
+    x = torch.randn(6, 20, requires_grad=True)
+    w = torch.randn(40, 20, requires_grad=True)
+    lab = torch.tensor([[0, 5], [-1, -1], [39, -1], [5, 12], [1, 2], [3, 0]])
+    torch.library.opcheck(mlcd.mlcd_neg_lse_op, (x, w, lab, 32.0, backend))
+    lse = mlcd.mlcd_neg_lse_op(x.detach(), w.detach(), lab, 32.0, backend)
+    for need in ((True, True), (True, False), (False, True)):
+        args = (torch.randn(6), x.detach(), w.detach(), lab, lse, 32.0, *need, backend)
+        torch.library.opcheck(mlcd.mlcd_neg_lse_bwd_op, args)
+
+
+def test_compiles_fullgraph():
+    f = torch.compile(lambda x, w, lab: mlcd.mlcd_loss(x, w, lab, reduction="mean"), fullgraph=True, backend="eager")
+    x, w, lab, _ = _inputs(8, 100, 40, 3, torch.float32)
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    f(x, w, lab).backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    on = (lab >= 0).any(1)
+    (reference.mlcd_loss(xr, wr, lab).sum() / on.sum()).backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
