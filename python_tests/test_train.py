@@ -903,11 +903,13 @@ def cluster_topk(assets, tmp_path_factory) -> str:
     return out
 
 
-def test_cd_topk_feeds_the_k_nearest_centres_to_the_multi_label_term(assets, cluster_topk, tmp_path, monkeypatch):
-    """One cid step with --cd-topk 2: the recipe gets each row's first 2 columns of topk.npy (by the batch's cache
-    rows, read here independently) and its cluster term is reference.mlcd_loss (mean over rows) of what it was fed."""
+@pytest.mark.parametrize("k", [2, 3], ids=["k<K", "k=K"])
+def test_cd_topk_feeds_the_k_nearest_centres_to_the_multi_label_term(k, assets, cluster_topk, tmp_path, monkeypatch):
+    """One cid step with --cd-topk k (topk.npy has 3 columns): the recipe gets each row's first k columns of
+    topk.npy (by the batch's cache rows, read here independently) and its cluster term is reference.mlcd_loss
+    (mean over rows) of what it was fed."""
     cfg = make_cfg(assets, tmp_path / "run", "cid", steps=1, ckpt_every=1, cluster_dir=cluster_topk,
-                   weights=RecipeWeights(cd_topk=2))  # fmt: skip
+                   weights=RecipeWeights(cd_topk=k))  # fmt: skip
     seen = spy_recipe(monkeypatch)
     train.run_train(cfg)
     img, _, _, _, _, _, labels = seen["calls"][0]["args"]
@@ -917,7 +919,7 @@ def test_cd_topk_feeds_the_k_nearest_centres_to_the_multi_label_term(assets, clu
     cache = read_cache(cfg.teacher_cache)
     rows = [cache["row"][int(ds.ids[i])] for i in rows_ds]
     topk = np.load(os.path.join(cluster_topk, "topk.npy"))
-    assert labels.shape == (BATCH, 2) and torch.equal(labels, torch.from_numpy(topk[rows, :2]))
+    assert labels.shape == (BATCH, k) and torch.equal(labels, torch.from_numpy(topk[rows, :k]))
     init = seen["init"]
     proj = img.double() @ init["proj_image.weight"].double().T
     w = RecipeWeights()

@@ -164,7 +164,7 @@ def load_pseudo_topk(out_dir: str, labels: np.ndarray, k: int) -> np.ndarray:
             f"--cd-topk {k}: {path} is {tk.shape}, expected [{labels.shape[0]}, >= {k}]; "
             f"rerun clipcid-fast cluster with --topk {k}"
         )
-    out = np.ascontiguousarray(tk[:, :k], dtype=np.int64)
+    out = np.array(tk[:, :k], dtype=np.int64)  # a copy: the memory map is read-only (and k may be all of it)
     out[labels < 0] = -1  # rows without a label (not kept, invalid) have no positive either
     if not np.array_equal(out[:, 0], labels):
         row = int(np.flatnonzero(out[:, 0] != labels)[0])
