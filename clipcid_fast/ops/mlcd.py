@@ -13,7 +13,7 @@ Split of the work:
 * the positives' term is B×K×D: gathered rows and plain PyTorch autograd (the reference's own ``combined_margin``).
 
 Both statistics combine across class shards by log-sum-exp, so the class-sharded loss is
-``softplus(lse_ranks(neg)) + softplus(lse_ranks(pos))``; ``MultiLabelClusterLoss`` in ``losses.py`` does that.
+``softplus(lse_ranks(neg)) + softplus(lse_ranks(pos))``; ``ClusterDiscriminationLoss(multi_label=True)`` (``losses.py``) does that.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def mlcd_loss(
 
     Validation: shapes, dtypes, empty inputs, bad scale / margins raise ``ValueError``; ``check_values=True`` also
     reads the values (labels in range and not repeated within a row, finite inputs, no zero-norm rows: one host
-    sync; pass ``False`` in a hot loop, as ``MultiLabelClusterLoss`` does).
+    sync; pass ``False`` in a hot loop, as ``ClusterDiscriminationLoss(multi_label=True)`` does).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
