@@ -13,7 +13,8 @@ Split of the work:
 * the positives' term is B×K×D: gathered rows and plain PyTorch autograd (the reference's own ``combined_margin``).
 
 Both statistics combine across class shards by log-sum-exp, so the class-sharded loss is
-``softplus(lse_ranks(neg)) + softplus(lse_ranks(pos))``; ``ClusterDiscriminationLoss(multi_label=True)`` (``losses.py``) does that.
+``softplus(lse_ranks(neg)) + softplus(lse_ranks(pos))``; ``ClusterDiscriminationLoss(multi_label=True)``
+(``losses.py``) does that.
 """
 
 from __future__ import annotations
