@@ -67,6 +67,7 @@ class _GlobalLogSumExp(torch.autograd.Function):
     def forward(ctx, lse_local: Tensor, group) -> Tensor:
         funcol = _funcol()
         m = funcol.wait_tensor(funcol.all_reduce(lse_local.detach(), "max", group))
+        m = torch.where(torch.isneginf(m), 0.0, m)  # a row that is −inf on every rank stays −inf, not NaN
         s = funcol.wait_tensor(funcol.all_reduce(torch.exp(lse_local.detach() - m), "sum", group))
         out = m + torch.log(s)
         ctx.save_for_backward(lse_local.detach(), out)
@@ -75,7 +76,14 @@ class _GlobalLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         lse_local, out = ctx.saved_tensors
-        return grad * torch.exp(lse_local - out), None
+        return torch.where(torch.isneginf(lse_local), 0.0, grad * torch.exp(lse_local - out)), None
+
+
+def global_logsumexp(lse_local: Tensor, world_size: int, group=None) -> Tensor:
+    """``log Σ_ranks exp(lse_r)`` per row (identity for one rank); −inf rows stay −inf with no gradient."""
+    if world_size == 1:
+        return lse_local
+    return _GlobalLogSumExp.apply(lse_local, group if group is not None else dist.group.WORLD)
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -12,6 +12,7 @@ from . import _validate
 from ._backend import resolve
 from .ops.margin_softmax import cluster_discrimination_loss, margin_softmax_stats
 from .ops.masked_max_sim import masked_max_similarity, nearest_centroid, semdedup_keep
+from .ops.mlcd import mlcd_loss, mlcd_stats
 from .ops.relational_rows import crd_loss, distill_clip_loss, relational_distill, relational_kd_rows
 from .ops.row_logsumexp import row_logsumexp_op
 
@@ -23,6 +24,8 @@ __all__ = [
     "distill_clip_loss",
     "margin_softmax_stats",
     "masked_max_similarity",
+    "mlcd_loss",
+    "mlcd_stats",
     "nearest_centroid",
     "relational_distill",
     "relational_kd_rows",

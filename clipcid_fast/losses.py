@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import gather_rows, shard_range, sharded_margin_softmax_rows
+from .distributed import gather_rows, global_logsumexp, shard_range, sharded_margin_softmax_rows
 from .ops.margin_softmax import check_labels, check_rows, cluster_discrimination_loss, margin_softmax_stats
+from .ops.mlcd import check_label_rows, mlcd_loss, mlcd_stats, softplus0
 from .ops.relational_rows import relational_distill, relational_kd_rows
 
 __all__ = [
@@ -351,6 +352,10 @@ class ClusterDiscriminationLoss(nn.Module):
     loads). ``check_values=True`` is a debug flag: every step then runs the functional loss's value checks
     (labels, NaN / inf, zero-norm rows of embeddings and centres), which read the labels and every centre
     and sync the host each step; NaN inputs otherwise show as a NaN loss, which the step already has.
+
+    ``multi_label=True``: MLCD's multi-label loss instead (``ops/mlcd.py``, ``docs/mlcd.md``): ``labels [B, K]``
+    (each row's K nearest centres, ``−1`` padding), the positives with the margin, every other centre a negative;
+    sharded the same way (both per-row statistics combined by log-sum-exp over ranks).
     """
 
     def __init__(
@@ -365,8 +370,10 @@ class ClusterDiscriminationLoss(nn.Module):
         weight: float = 1.0,
         impl: str = "auto",
         check_values: bool = False,
+        multi_label: bool = False,
     ) -> None:
         super().__init__()
+        self.multi_label = bool(multi_label)
         if num_classes < 1 or embed_dim < 1:
             raise ValueError(f"num_classes and embed_dim must be >= 1, got {num_classes} and {embed_dim}")
         self.num_classes, self.embed_dim = num_classes, embed_dim
@@ -396,6 +403,20 @@ class ClusterDiscriminationLoss(nn.Module):
         return mod
 
     def check_labels(self, labels: Tensor) -> None:
+        """Value check for data entering the loop (reads the labels, one host sync; not for every step): global
+        class ids in ``[−1, num_classes)``; 1-D ``[n]`` (``multi_label``: 2-D ``[n, K]``, no id twice in a row).
+        ``ValueError`` naming the first bad entry."""
+        if self.multi_label:
+            if not isinstance(labels, Tensor) or labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
+                raise ValueError(
+                    f"labels must be a 2-D [n, K] integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}"
+                    f" of shape {tuple(getattr(labels, 'shape', ()))}"
+                )
+            check_label_rows(labels, self.num_classes)
+            return
+        self._check_labels_1d(labels)
+
+    def _check_labels_1d(self, labels: Tensor) -> None:
         """Value check for data entering the loop (reads the labels, one host sync; not for every step): a 1-D
         integer tensor of global class ids, each in ``[−1, num_classes)`` (−1: no label). ``ValueError`` naming
         the first bad entry. Any length: a batch or a whole data set's labels."""
@@ -414,11 +435,17 @@ class ClusterDiscriminationLoss(nn.Module):
             check_rows("centres", self.centres.detach())
 
     def forward(self, embeddings: Tensor, labels: Tensor, output_dict: bool = False):
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-            raise ValueError(f"labels must be a 1-D int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+        want = 2 if self.multi_label else 1
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != want:
+            raise ValueError(
+                f"labels must be a {want}-D int64 tensor, got {getattr(labels, 'dtype', type(labels))} "
+                f"of shape {tuple(getattr(labels, 'shape', ()))}"
+            )
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(getattr(embeddings, 'shape', ()))}")
-        if self.world_size == 1:
+        if self.multi_label:
+            loss = self._multi_label(embeddings, labels)
+        elif self.world_size == 1:
             loss = cluster_discrimination_loss(
                 embeddings, self.centres, labels, self.scale, self.margin, reduction="mean", impl=self.impl,
                 check_values=self.check_values,
@@ -438,3 +465,18 @@ class ClusterDiscriminationLoss(nn.Module):
             loss = torch.where(valid, rows, 0.0).sum() / valid.sum().clamp(min=1)
         loss = self.weight * loss
         return {"cluster_loss": loss} if output_dict else loss
+
+    def _multi_label(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """MLCD, mean over the (global) rows with at least one label."""
+        if self.world_size == 1:
+            return mlcd_loss(embeddings, self.centres, labels, self.scale, self.margin, reduction="mean",
+                             impl=self.impl, check_values=self.check_values)  # fmt: skip
+        x = gather_rows(embeddings, rank=self.rank, world_size=self.world_size, with_grad=True)
+        y = gather_rows(labels, rank=self.rank, world_size=self.world_size, with_grad=False, local_slot_grad=False)
+        if self.check_values:
+            check_label_rows(y, self.num_classes)
+        local = torch.where((y >= self.start) & (y < self.stop), y - self.start, -1)
+        neg, pos = mlcd_stats(x, self.centres, local, self.scale, self.margin, impl=self.impl, check_values=False)
+        neg, pos = global_logsumexp(neg, self.world_size), global_logsumexp(pos, self.world_size)
+        valid = (y >= 0).any(dim=1)
+        return torch.where(valid, softplus0(neg) + softplus0(pos), 0.0).sum() / valid.sum().clamp(min=1)

@@ -9,7 +9,8 @@ kd         CLIP-KD (``ClipKDLoss``): task + CRD + ICL + 2000·FD
 rd         CLIP-RD (``ClipRDLoss``): task + HRD + ICL + 2000·FD + VRD + XRD
 cid        CLIP-CID: task + λ_cd · ``ClusterDiscriminationLoss`` (student image embeddings against the
            pseudo-class centres of ``clipcid-fast cluster``, initialised from its centroids, learnable)
-           + λ_id · ``InstanceDiscriminationLoss`` (student image ↔ teacher text)
+           + λ_id · ``InstanceDiscriminationLoss`` (student image ↔ teacher text); ``cd_topk = k > 0``: the
+           cluster term is MLCD's multi-label loss on each row's k nearest centres instead
 =========  ==========================================================================================
 
 Every trainer builds its loss here: ``clipcid-fast train`` (``pipeline/train.py``), the open_clip_train
@@ -69,6 +70,9 @@ WEIGHTS: dict[str, float] = {
     "cd_scale": _default(ClusterDiscriminationLoss, "scale"),
     # unicom's lr_pfc_weight (an optimiser setting: no loss constructor holds it)
     "centre_lr_mult": 3.0,
+    # MLCD's multi-label cluster loss on each row's k nearest centres (topk.npy of clipcid-fast cluster --topk);
+    # 0 = CLIP-CID's single-label cluster term
+    "cd_topk": 0,
 }
 """Every recipe weight's default, the published values; ``pipeline.config.RecipeWeights`` and the plug-in's
 flags read them from here."""
@@ -109,7 +113,7 @@ def _distill(w, dist):
 # the order is the one every report and table lists the recipes in
 RECIPES: dict[str, RecipeSpec] = {
     "cid": RecipeSpec("CLIP-CID: task + cluster discrimination + instance discrimination",
-                      ("cd_weight", "id_weight", "id_scale_init", "cd_margin", "cd_scale", "centre_lr_mult"),
+                      ("cd_weight", "id_weight", "id_scale_init", "cd_margin", "cd_scale", "centre_lr_mult", "cd_topk"),
                       _task_only, labels=True, project=("image",), on_student=True),
     "rd": RecipeSpec("CLIP-RD", ("crd_weight", "icl_weight", "fd_weight", "vrd_weight", "xrd_weight"), _rd),
     "kd": RecipeSpec("CLIP-KD", ("crd_weight", "icl_weight", "fd_weight"), _kd),
@@ -171,7 +175,7 @@ class Recipe(nn.Module):
             # values were checked once when the pseudo-classes entered the trainer: no per-step scan
             self.cluster = ClusterDiscriminationLoss.from_centroids(
                 centroids, margin=(1.0, w["cd_margin"], 0.0), scale=w["cd_scale"], weight=w["cd_weight"], rank=rank,
-                world_size=world_size, impl=impl, check_values=False,
+                world_size=world_size, impl=impl, check_values=False, multi_label=int(w["cd_topk"]) > 0,
             )  # fmt: skip
             if self.cluster.embed_dim != teacher_dim:
                 raise ValueError(

@@ -43,6 +43,8 @@ __all__ = [
     "instance_discrimination_loss",
     "margin_softmax_shard_stats",
     "masked_max_similarity",
+    "mlcd_loss",
+    "mlcd_shard_stats",
     "nearest_centroid",
     "relational_rows_loss",
     "row_logsumexp",
@@ -363,6 +365,87 @@ def cluster_discrimination_loss(
     """
     lse, target = margin_softmax_shard_stats(embeddings, centres, labels, scale, m1, m2, m3)
     return torch.where(labels >= 0, lse - target, 0.0)
+
+
+def _positive_mask(labels: Tensor, num_classes: int) -> Tensor:
+    """``[B, N]`` bool: column j is one of row i's labels (−1 entries are padding)."""
+    on = labels >= 0
+    mask = torch.zeros(labels.shape[0], num_classes, dtype=torch.bool, device=labels.device)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    mask[rows[on], labels[on]] = True
+    return mask
+
+
+def mlcd_shard_stats(
+    embeddings: Tensor,
+    centres: Tensor,
+    labels: Tensor,
+    scale: float,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of the multi-label cluster loss over one shard of class centres.
+
+    ``embeddings [B, D]``, ``centres [N, D]`` (both L2-normalised here), ``labels [B, K]`` int64 in ``[0, N)``
+    or ``−1`` (padding, or "this positive is not on this shard"); P_i = the set of row i's labels.
+    Returns ``(neg_lse [B], pos_lse [B])``:
+
+    * ``neg_lse_i = logsumexp_{j ∉ P_i} s·cos θ_ij`` over this shard's centres (−inf if every one is a positive);
+    * ``pos_lse_i = logsumexp_{p ∈ P_i} −s·ψ(cos θ_ip)`` (ψ = :func:`combined_margin`; −inf if P_i is empty).
+
+    Across shards each combines by log-sum-exp, and the loss is ``softplus(neg) + softplus(pos)``
+    (:func:`mlcd_loss`): ``log(1 + Σ e^a) = softplus(logsumexp a)``.
+    """
+    x = embeddings / embeddings.norm(dim=1, keepdim=True)
+    w = centres / centres.norm(dim=1, keepdim=True)
+    cos = x @ w.T
+    pos = _positive_mask(labels, w.shape[0])
+    neg_lse = _logsumexp_rows(torch.where(pos, float("-inf"), scale * cos))
+    on = labels >= 0
+    c_pos = torch.gather(cos, 1, labels.clamp(min=0))
+    return neg_lse, _logsumexp_rows(torch.where(on, -scale * combined_margin(c_pos, m1, m2, m3), float("-inf")))
+
+
+def _logsumexp_rows(z: Tensor) -> Tensor:
+    """Row log-sum-exp; −inf with a zero gradient (torch.logsumexp gives NaN) on a row that is all −inf."""
+    empty = torch.isneginf(z).all(dim=1)
+    return torch.logsumexp(torch.where(empty[:, None], 0.0, z), dim=1).masked_fill(empty, float("-inf"))
+
+
+def mlcd_loss(
+    embeddings: Tensor,
+    centres: Tensor,
+    labels: Tensor,
+    scale: float = 32.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+) -> Tensor:
+    """MLCD multi-label cluster discrimination (An et al., ECCV 2024, arXiv 2407.17331, Eq. 5).
+
+    The paper (§3.2, Eq. 5) separates the positive and negative parts of the multi-label softmax:
+    ``L = log(1 + Σ_{i∈Ω_p} e^{−s_i}) + log(1 + Σ_{j∈Ω'_n} e^{s_j})``, s_i / s_j the cosines of the embedding
+    with its l positive centres (its l nearest cluster centres; l = 8 in the paper) and with the negative ones.
+    Here, with θ_ij the angle between embedding i and centre j and P_i the set of row i's labels:
+
+    ``ℓ_i = log(1 + Σ_{p ∈ P_i} e^{−s·ψ(cos θ_ip)}) + log(1 + Σ_{j ∉ P_i} e^{s·cos θ_ij})``.
+
+    ``labels [B, K]``: each row's positive centres, ``−1`` for padding (fewer than K positives). Returns ``[B]``;
+    a row with no positive gets loss 0 and no gradient (as a ``−1`` row of :func:`cluster_discrimination_loss`).
+
+    **Choice** (Eq. 5 shows raw cosines; the paper says it uses "margin-based PartialFC" without giving s or m):
+    the logits are scaled by s and the positives get the same combined margin ψ as the single-label loss
+    (:func:`combined_margin`), defaults unicom's s = 32, ArcFace m2 = 0.5. **Choice**: Ω'_n is *every*
+    non-positive centre (no negative sampling; the paper samples a ratio r = 0.1 of them per step, Tab. 5b), so
+    the loss is exact and deterministic like the single-label op's. **Choice**: repeated labels in a row count
+    once in the negative mask but twice in the positive sum; the public functions refuse them.
+    With K = 1 this is *not* the single-label loss (``log(1 + Σ_j e^{z_j − z_y})``): the two parts are separate.
+    """
+    neg, pos = mlcd_shard_stats(embeddings, centres, labels, scale, m1, m2, m3)
+    # log(1 + e^a) exactly (F.softplus switches to a above a threshold), 0 at a = −inf
+    loss = torch.logaddexp(neg, torch.zeros_like(neg)) + torch.logaddexp(pos, torch.zeros_like(pos))
+    return torch.where((labels >= 0).any(dim=1), loss, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------

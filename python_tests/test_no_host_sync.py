@@ -209,6 +209,23 @@ def test_cluster_module_does_not_sync(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_multi_label_cluster_module_does_not_sync(impl):
+    """MLCD (``multi_label=True``): labels [B, K] with padding and an unlabelled row, over several class tiles."""
+    B, N, D = (9, 70, 33) if impl == "triton" else (37, 1100, 64)
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(B, D, generator=g).requires_grad_()
+    labels = torch.stack([torch.randperm(N, generator=g)[:4] for _ in range(B)])
+    labels[::3, 2:] = -1
+    labels[1] = -1
+    mod = ClusterDiscriminationLoss(N, D, weight=0.7, impl=impl, multi_label=True)
+    with no_host_sync() as mode:
+        loss = mod(emb, labels)
+        (2.0 * loss).backward()
+    assert any("clipcid_fast" in op for op in mode.ops), mode.ops
+    assert torch.isfinite(loss.detach()) and torch.isfinite(mod.centres.grad).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_cluster_stats_do_not_sync(impl):
     """The class-sharded form's op (what a world_size > 1 module calls), with separate gradients for both outputs."""
     B, N, D = (9, 70, 33) if impl == "triton" else (37, 1100, 64)

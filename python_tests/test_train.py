@@ -892,3 +892,53 @@ def test_teacher_recipes_run_on_cuda(recipe, online, assets, tmp_path, monkeypat
         lines = [json.loads(line) for line in f]
     assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines)
     assert summary["final"]["step"] == 3 and latest(cfg)["step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cid with --cd-topk: MLCD's multi-label cluster term on topk.npy
+
+
+@pytest.fixture(scope="module")
+def cluster_topk(assets, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("cluster_topk"))
+    keep = os.path.join(assets.balance, f"keep_eps{BALANCE_EPS:g}.npy")
+    run_cluster(os.path.join(assets.cache, "image"), out, N_CLASSES, keep=keep, niter=5, topk=3)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3], ids=["k<K", "k=K"])
+def test_cd_topk_feeds_the_k_nearest_centres_to_the_multi_label_term(k, assets, cluster_topk, tmp_path, monkeypatch):
+    """One cid step with --cd-topk k (topk.npy has 3 columns): the recipe gets each row's first k columns of
+    topk.npy (by the batch's cache rows, read here independently) and its cluster term is reference.mlcd_loss
+    (mean over rows) of what it was fed."""
+    cfg = make_cfg(assets, tmp_path / "run", "cid", steps=1, ckpt_every=1, cluster_dir=cluster_topk,
+                   weights=RecipeWeights(cd_topk=k))  # fmt: skip
+    seen = spy_recipe(monkeypatch)
+    train.run_train(cfg)
+    img, _, _, _, _, _, labels = seen["calls"][0]["args"]
+    ds = student_dataset(cfg)
+    index, _ = training_rows(cfg, ds)
+    rows_ds = index[np.random.default_rng([cfg.seed, 0]).permutation(len(index))[:BATCH]]
+    cache = read_cache(cfg.teacher_cache)
+    rows = [cache["row"][int(ds.ids[i])] for i in rows_ds]
+    topk = np.load(os.path.join(cluster_topk, "topk.npy"))
+    assert labels.shape == (BATCH, k) and torch.equal(labels, torch.from_numpy(topk[rows, :k]))
+    init = seen["init"]
+    proj = img.double() @ init["proj_image.weight"].double().T
+    w = RecipeWeights()
+    expected = w.cd_weight * R.mlcd_loss(proj, init["cluster.centres"].double(), labels, w.cd_scale, 1.0, w.cd_margin)
+    assert seen["calls"][0]["terms"]["cluster_loss"] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "k, which, match",
+    [
+        (4, "topk", r"--cd-topk 4: .*topk.npy is \(200, 3\), expected \[200, >= 4\]"),
+        (2, "plain", r"--cd-topk 2: --cluster-dir .* has no topk.npy; rerun clipcid-fast cluster with --topk 2"),
+        (-1, "topk", r"--cd-topk must be an integer >= 0, got -1"),
+    ],
+)
+def test_cd_topk_bad_inputs(k, which, match, assets, cluster_topk, tmp_path):
+    cluster = cluster_topk if which == "topk" else assets.cluster
+    cfg = make_cfg(assets, tmp_path / "run", "cid", cluster_dir=cluster, weights=RecipeWeights(cd_topk=k))
+    raises_one_line(ValueError, match, train.run_train, cfg)

@@ -300,6 +300,13 @@ class RecipeWeights:
         default=WEIGHTS["centre_lr_mult"],
         metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)"),
     )
+    cd_topk: int = dataclasses.field(
+        default=WEIGHTS["cd_topk"],
+        metadata=_help(
+            "cid: k > 0 makes the cluster term MLCD's multi-label loss on each row's k nearest centres "
+            "(topk.npy of clipcid-fast cluster --topk K >= k); 0 = single-label"
+        ),
+    )
 
 
 @dataclasses.dataclass

@@ -272,11 +272,15 @@ def cluster_stage(cfg: DemoConfig, layout: Layout) -> dict:
     keep = balance.keep_mask_path(layout.balance(cfg.balance_k), cfg.balance_eps)
     inputs = {"image_shards_sha256": embed_digest(layout), "keep_sha256": _sha256_file(keep),
               "n_classes": cfg.n_classes, "seed": 0}  # fmt: skip
+    topk = cfg.weights.cd_topk  # cid --cd-topk k reads each row's k nearest centres (topk.npy)
+    if topk:  # (left out at 0, so the default's stamp and outputs stay what they were)
+        inputs["topk"] = topk
     stamp = os.path.join(out, "demo_inputs.json")
     meta = _read_json(os.path.join(out, "cluster.json"))
     if meta is not None and _read_json(stamp) == inputs and os.path.isfile(balance.pseudo_class_paths(out)[0]):
         return {**meta, "reused": True}
-    meta = balance.run_cluster(os.path.join(layout.embed, "image"), out, cfg.n_classes, keep=keep, seed=0)
+    meta = balance.run_cluster(os.path.join(layout.embed, "image"), out, cfg.n_classes, keep=keep, seed=0,
+                               topk=max(topk, 0))  # fmt: skip
     atomic_json(stamp, inputs)
     return {**meta, "reused": False}
 

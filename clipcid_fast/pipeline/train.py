@@ -52,17 +52,22 @@ __all__ = ["LOGIT_SCALE_MAX", "Prepared", "prepare", "run_train"]
 
 
 def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """(kept cache rows as bool [n], pseudo-class per cache row [n], centroids path)."""
-    from .balance import load_keep_mask, load_pseudo_classes
+    """(kept cache rows as bool [n], pseudo-class per cache row [n] — or, with ``--cd-topk k``, its k nearest
+    centres [n, k] —, centroids path)."""
+    from .balance import load_keep_mask, load_pseudo_classes, load_pseudo_topk
 
     n = len(emb["ids"])
     if cfg.cluster_dir is None:
         raise ValueError("recipe cid needs --cluster-dir (the output of clipcid-fast cluster)")
+    topk = cfg.weights.cd_topk
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"--cd-topk must be an integer >= 0, got {topk!r}")
     labels, cent_path = load_pseudo_classes(cfg.cluster_dir, emb["image"])
     keep = np.ones(n, dtype=bool)
     if cfg.balance_dir is not None:
         keep = load_keep_mask(cfg.balance_dir, cfg.balance_eps, n)
-    return keep & (labels >= 0), labels, cent_path
+    kept = keep & (labels >= 0)
+    return kept, (load_pseudo_topk(cfg.cluster_dir, labels, topk) if topk else labels), cent_path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ from .command import balance_command, cluster_command
 from .functions import resolve_fns
 from .kmeans import spherical_kmeans
 from .outputs import keep_mask_path, load_keep_mask
-from .pseudo_classes import load_pseudo_classes, pseudo_class_paths, run_cluster
+from .pseudo_classes import load_pseudo_classes, load_pseudo_topk, pseudo_class_paths, run_cluster
 from .rules import TIE_D2, group_representatives, unionfind_groups
 from .sources import EmbeddingSource, normalize_rows
 from .stages import KEEP_OPTIONS, METHODS, SMALL_CLUSTER_FLOPS, intra_op_threads, run_balance
@@ -106,6 +106,7 @@ __all__ = [
     "keep_mask_path",
     "load_keep_mask",
     "load_pseudo_classes",
+    "load_pseudo_topk",
     "normalize_rows",
     "pseudo_class_paths",
     "resolve_fns",

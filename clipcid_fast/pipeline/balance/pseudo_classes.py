@@ -149,6 +149,29 @@ def load_pseudo_classes(out_dir: str, image) -> tuple[np.ndarray, str]:
     return labels, cent_path
 
 
+def load_pseudo_topk(out_dir: str, labels: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest centres, ``[n, k]`` int64 (−1 on rows without a label), from ``topk.npy`` of the
+    ``run_cluster`` output ``out_dir`` whose ``labels.npy`` gave ``labels`` (``load_pseudo_classes``): written by
+    ``--topk K`` with ``K >= k``, its first column the labels (one ValueError line otherwise)."""
+    path = os.path.join(out_dir, "topk.npy")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--cd-topk {k}: --cluster-dir {out_dir!r} has no topk.npy; rerun clipcid-fast cluster with --topk {k}"
+        )
+    tk = np.load(path, mmap_mode="r")
+    if tk.ndim != 2 or tk.shape[0] != labels.shape[0] or tk.shape[1] < k:
+        raise ValueError(
+            f"--cd-topk {k}: {path} is {tk.shape}, expected [{labels.shape[0]}, >= {k}]; "
+            f"rerun clipcid-fast cluster with --topk {k}"
+        )
+    out = np.array(tk[:, :k], dtype=np.int64)  # a copy: the memory map is read-only (and k may be all of it)
+    out[labels < 0] = -1  # rows without a label (not kept, invalid) have no positive either
+    if not np.array_equal(out[:, 0], labels):
+        row = int(np.flatnonzero(out[:, 0] != labels)[0])
+        raise ValueError(f"--cd-topk {k}: {path} row {row} starts with {out[row, 0]}, labels.npy says {labels[row]}")
+    return out
+
+
 def check_labels_fit(cluster_dir: str, image, labels: np.ndarray, cent_path: str, sample: int = 1024) -> None:
     """labels.npy and centroids.npy do not say which embeddings they came from, and a cluster run of another cache
     with the same row count (another teacher, or another corpus of that size) fits every shape check: it trained
