@@ -50,6 +50,8 @@ def run_identity(meta: dict) -> dict:
         "model_cfg": portable(meta["model"]["model_cfg"]),
         "dataset": dataset_identity(meta["dataset"]),
         "shard_rows": meta["shard_rows"],
+        "precision": meta.get("precision", "fp32"),
+        "row_order": meta.get("row_order", "<as read>"),
     }
 
 
