@@ -90,6 +90,9 @@ def test_two_ranks_with_two_workers_on_webdataset_tars_match_one_process(root, m
     meta = run_ranks(config(root / "wds", models_cfg, dataset="wds", train_data=export["wds"], workers=2), root)
     assert all_bytes(root / "wds") == all_bytes(one_process[0])
     assert meta["row_order"] == embed.WDS_ROW_ORDER and meta["count"] == SAMPLES
+    # the workers no longer change a webdataset's rows: one process without workers takes the directory as its own
+    one = config(root / "wds", models_cfg, dataset="wds", train_data=export["wds"], workers=0)
+    assert embed.run_embed(one) == meta
 
 
 def test_a_run_begun_in_one_process_resumes_under_two_ranks(root, models_cfg, one_process):

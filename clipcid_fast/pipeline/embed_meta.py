@@ -45,10 +45,13 @@ def run_identity(meta: dict) -> dict:
     holds the same asset by a path of the machine that wrote it."""
     from .assets import portable
 
+    dataset = dataset_identity(meta["dataset"])
+    if "row_order" in meta:  # a webdataset embedded in tar order: the DataLoader workers no longer change the rows
+        dataset.pop("workers", None)
     return {
         "fingerprint": meta["model"]["fingerprint"],
         "model_cfg": portable(meta["model"]["model_cfg"]),
-        "dataset": dataset_identity(meta["dataset"]),
+        "dataset": dataset,
         "shard_rows": meta["shard_rows"],
         "precision": meta.get("precision", "fp32"),
         "row_order": meta.get("row_order", "<as read>"),
