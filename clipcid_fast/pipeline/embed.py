@@ -270,7 +270,7 @@ def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, com
 
     error, embedded = None, {"rows": 0, "seconds": 0.0}
     try:
-        embedded = _embed_batches(loaded.model, batches, out_dir, cfg, total, bf16)
+        embedded = _embed_batches(loaded.model, batches, out_dir, cfg, total, bf16, show=comm.rank == 0)
     except preempt.Stopped as e:  # SIGTERM / SIGINT / SIGUSR1: the shards written so far are kept
         preempt.leave("embed", e)
     except Exception as e:  # agreed below, so that no rank waits for a failed one at a barrier
@@ -341,16 +341,19 @@ def _countable(ds) -> bool:
         return False
 
 
-def _embed_batches(model: torch.nn.Module, batches, out_dir: str, cfg: EmbedConfig, total: int | None, bf16: bool):
+def _embed_batches(
+    model: torch.nn.Module, batches, out_dir: str, cfg: EmbedConfig, total: int | None, bf16: bool, show: bool = True
+):
     """Encode the (shard, batch, last) batches and write each shard after its last batch; the rows done and the
-    seconds they took. Several shards may be open at once (DataLoader workers make one shard each)."""
+    seconds they took. Several shards may be open at once (DataLoader workers make one shard each). ``show``: this
+    rank draws the progress bar (rank 0; its total is its own share)."""
     from .progress import tqdm
 
     was_training = model.training
     model.eval()
     device = model_device_dtype(model)[0]
     rows, start = 0, time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="img", desc="embed", disable=not (cfg.progress and show), dynamic_ncols=True)
     signals = preempt.Preemption()
 
     def check(k: int) -> None:  # after a shard is on disk: the unit a rerun skips
