@@ -83,6 +83,7 @@ def test_two_ranks_write_the_bytes_and_summary_of_one_process(root, models_cfg, 
     assert meta["count"] == SAMPLES and meta["shards"] == 5
 
 
+@pytest.mark.slow  # a 2-process spawn: ~40 s on a loaded 2-core machine
 def test_two_ranks_with_two_workers_on_webdataset_tars_match_one_process(root, models_cfg, one_process):
     """Tars of 50 rows, shards of 64: shards start inside a tar (its first rows read, not decoded)."""
     export = export_corpus(DataConfig(corpus="student", student_samples=SAMPLES), str(root / "export"),
@@ -95,6 +96,7 @@ def test_two_ranks_with_two_workers_on_webdataset_tars_match_one_process(root, m
     assert embed.run_embed(one) == meta
 
 
+@pytest.mark.slow  # a 2-process spawn: ~40 s on a loaded 2-core machine
 def test_a_run_begun_in_one_process_resumes_under_two_ranks(root, models_cfg, one_process):
     """Shards 0, 3 and the summary gone (a run stopped midway): two ranks redo them, the rest is reused."""
     out = root / "resumed"
