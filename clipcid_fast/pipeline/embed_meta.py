@@ -32,7 +32,8 @@ def model_meta(loaded: LoadedModel) -> dict:
 
 def dataset_identity(data: dict) -> dict:
     """The DataConfig fields that decide which rows, in which order, with which captions. ``workers`` changes only
-    the speed of a map-style source; a webdataset's DataLoader workers interleave its shards, so there it counts."""
+    the speed of a map-style source; a webdataset's DataLoader workers interleaved its shards in directories written
+    before ``row_order`` (tar order) was recorded, so there it counts (``run_identity`` drops it for the newer ones)."""
     out = {k: v for k, v in data.items() if k != "summary"}
     if out.get("dataset") != "wds":
         out.pop("workers", None)
