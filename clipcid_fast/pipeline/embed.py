@@ -51,6 +51,7 @@ from ._io import atomic_json, atomic_npy, clean_tmp
 from .comm import Comm, local_rank, run_stage
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
+from .data.wds_source import shard_stats_count, stats_path
 from .embed_meta import dataset_identity, model_meta, plain, read_json, refuse_other_run, short
 from .embed_split import as_is, map_style_batches, rank_shards, wds_batches
 from .id_index import IdIndex, open_index, write_index  # noqa: F401 (IdIndex: the readers' type)
@@ -299,6 +300,11 @@ def _tar_counts(ds, comm: Comm) -> list[int] | None:
     for url, c in zip(ds.shards, counts):
         if c == 0 and not ds.skip_bad:
             raise ValueError(f"shard {url!r}: empty shard (no samples)")
+        # a tar cut on a sample boundary reads as valid: its img2dataset stats name the count it should hold
+        expected = shard_stats_count(url)
+        if expected is not None and c != expected and not ds.skip_bad:
+            raise ValueError(f"shard {url!r}: holds {c} samples, its {os.path.basename(stats_path(url))} says "
+                             f"{expected} (successes): cut short or rewritten")  # fmt: skip
     return counts
 
 
