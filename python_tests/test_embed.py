@@ -272,3 +272,27 @@ def test_sigterm_finishes_the_shard_and_a_rerun_completes_byte_identical(root, m
     monkeypatch.setattr(embed, "image_features", encode)
     embed.run_embed(cfg)
     assert shard_bytes(out) == shard_bytes(whole[0])
+
+
+def test_a_tar_cut_on_a_sample_boundary_is_named_before_anything_is_embedded(root, models_cfg):
+    """A tar rewritten with its first 20 of 50 samples is a valid tar whose header count places every later row; its
+    img2dataset ``_stats.json`` (export-data writes one) names the loss: one line, no shard written."""
+    import io
+    import tarfile
+
+    export = export_corpus(DataConfig(corpus="student", student_samples=SAMPLES), str(root / "export_cut"),
+                           formats=("wds",), shard_size=50)  # fmt: skip
+    shard = str(root / "export_cut" / "student-wds" / "student-00002.tar")
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keep = sorted({m.name.split(".")[0] for m, _ in members})[:20]
+    with tarfile.open(shard, "w") as tar:
+        for info, content in members:
+            if info.name.split(".")[0] in keep:
+                tar.addfile(info, io.BytesIO(content))
+    out = root / "cut_tar"
+    cfg = embed_config(out, models_cfg, dataset="wds", train_data=export["wds"])
+    with pytest.raises(ValueError, match=r"student-00002\.tar'?: holds 20 samples, its student-00002_stats\.json says "
+                       r"50 \(successes\): cut short or rewritten") as info:  # fmt: skip
+        embed.run_embed(cfg)
+    assert "\n" not in str(info.value) and os.listdir(out / "image") == []

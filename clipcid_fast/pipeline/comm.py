@@ -95,6 +95,14 @@ class Comm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t)
 
+    def host_sum(self, value: float) -> float:
+        """The sum of every rank's ``value``: one all-reduce of one number on the host (gloo) group."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t)
+
     def sum(self, t: Tensor) -> Tensor:
         if self.world == 1:
             return t

@@ -119,6 +119,9 @@ class EmbedConfig:
     batch_size: int = dataclasses.field(default=512, metadata=_help("images per forward"))
     shard_rows: int = dataclasses.field(default=8192, metadata=_help("rows per .npy shard (the unit of resume)"))
     progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    precision: str = dataclasses.field(
+        default="auto", metadata=_help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 

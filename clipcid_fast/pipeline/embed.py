@@ -21,6 +21,13 @@ refused (manifest.json / embed.json), so features of two models never mix. Batch
 shard's batches are ``[start, start + batch_size), ...`` from its first row), so a shard's bytes do not depend on
 where a run started: a killed and restarted run ends byte-identical to an uninterrupted one.
 
+Under ``torchrun`` (``embed_split``): rank r of W writes the shards with ``k % W == r``; the files are the ones one
+process writes, byte for byte, so a run resumes under any world size; rank 0 writes manifest.json first and the id
+index and embed.json after every rank is done. A webdataset's rows are its tars' samples in pattern order (tar
+headers count them, so each shard reads only its tars, whatever the DataLoader workers). On a GPU the model runs
+under bf16 autocast (``precision``; recorded in the manifest: a resume in another precision is refused); on the
+CPU it stays fp32.
+
 Text features: captions repeat (class prompts), so each shard's distinct captions are encoded once, in chunks of
 ``batch_size``, and indexed back. That is a function of the shard alone (resume-safe); on the towers checked (the
 stock ViT-S-32 text transformer, a shrunk copy of it, MiniLM-L6 through open_clip's HF encoder) the float16 rows
@@ -41,11 +48,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import preempt
 from ._io import atomic_json, atomic_npy, clean_tmp
+from .comm import Comm, local_rank, run_stage
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
+from .data.wds_source import shard_stats_count, stats_path
 from .embed_meta import dataset_identity, model_meta, plain, read_json, refuse_other_run, short
+from .embed_split import as_is, map_style_batches, rank_shards, wds_batches
 from .id_index import IdIndex, open_index, write_index  # noqa: F401 (IdIndex: the readers' type)
-from .models import image_features, model_device_dtype, text_features  # noqa: F401 (the writer's encoders)
+from .models import image_features, model_device_dtype, text_features
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -132,31 +142,15 @@ def _distinct_captions(captions: list[str]) -> tuple[list[int], np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# batches that never straddle a shard
-
-
-def _as_is(item):
-    return item
-
-
-def _map_style_batches(ds, pending: list[int], n: int, shard_rows: int, batch_size: int, workers: int):
-    """(shard, batch) for the pending shards of a map-style set, each shard cut into batches from its first row."""
-    index_batches, shard_of = [], []
-    for k in pending:
-        hi = min(n, (k + 1) * shard_rows)
-        for lo in range(k * shard_rows, hi, batch_size):
-            index_batches.append(list(range(lo, min(lo + batch_size, hi))))
-            shard_of.append(k)
-    loader = DataLoader(ds, batch_sampler=index_batches, collate_fn=collate, num_workers=workers)
-    yield from zip(shard_of, loader)
+# a webdataset whose tars cannot be counted (remote): read from the start, one process
 
 
 def _stream_batches(ds, done: set[int], shard_rows: int, batch_size: int, workers: int):
-    """(shard, batch) for an iterable set: read from the start (no length, no random access), rows of finished
-    shards dropped before encoding, batches cut exactly as ``_map_style_batches`` cuts them."""
-    loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=workers)
+    """(shard, batch, last) for an iterable set without tar counts: read from the start (no length, no random
+    access), rows of finished shards dropped before encoding, batches cut as ``embed_split`` cuts them."""
+    loader = DataLoader(ds, batch_size=None, collate_fn=as_is, num_workers=workers)
     items: list[dict] = []
-    row = 0
+    row, open_k = 0, None
     for item in loader:
         k = row // shard_rows
         if k >= MAX_SHARDS:
@@ -164,12 +158,14 @@ def _stream_batches(ds, done: set[int], shard_rows: int, batch_size: int, worker
         row += 1
         if k in done:
             continue
+        open_k = k
         items.append(item)
         if len(items) == batch_size or row % shard_rows == 0:
-            yield k, collate(items)
-            items = []
-    if items:
-        yield (row - 1) // shard_rows, collate(items)
+            last = row % shard_rows == 0
+            yield k, collate(items), last
+            items, open_k = [], (None if last else k)
+    if open_k is not None:
+        yield open_k, (collate(items) if items else None), True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,24 +179,54 @@ def _check_config(cfg: EmbedConfig) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not cfg.out_dir:
         raise ValueError("out_dir must name a directory, got an empty string")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+
+
+def _local_device() -> torch.device:
+    """GPU ``LOCAL_RANK`` (made current) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
 
 
 def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
     """Embed ``cfg.data`` with the frozen ``cfg.model`` into ``cfg.out_dir``, resuming what is there; embed.json.
 
-    ``loaded``: an already loaded model to use instead of ``load_model(cfg.models, cfg.model)``.
+    Under ``torchrun`` every rank writes its share of the shards (``embed_split``) and rank 0 the id index and
+    embed.json once all are on disk; every rank returns embed.json's dict.
+    ``loaded``: an already loaded model to use (where it is) instead of ``load_model(cfg.models, cfg.model)``.
     """
     _check_config(cfg)
+    device = _local_device()
+    comm = Comm(backend="nccl" if device.type == "cuda" else "gloo", device=device)
+    try:
+        return _run(cfg, loaded, device, comm)
+    finally:
+        comm.close()
+
+
+def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, comm: Comm) -> dict:
     if loaded is None:
         from .models import load_model
 
-        loaded = load_model(cfg.models, cfg.model, progress=cfg.progress, data_cfg=cfg.data)
+        loaded = load_model(cfg.models, cfg.model, progress=cfg.progress and comm.rank == 0, data_cfg=cfg.data)
+        loaded.model.to(device)
+    model_device = model_device_dtype(loaded.model)[0]
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and model_device.type == "cuda")
     out_dir = cfg.out_dir
     ds = build_dataset(cfg.data, loaded.preprocess, loaded.tokenizer)
+    iterable = isinstance(ds, IterableDataset)
     dataset_meta = to_dict(cfg.data)
     if hasattr(ds, "summary"):
         dataset_meta["summary"] = plain(ds.summary())
     meta = {"format": FORMAT, "model": model_meta(loaded), "dataset": dataset_meta, "shard_rows": cfg.shard_rows}
+    if bf16:  # absent = fp32, as every directory written before bf16 existed
+        meta["precision"] = "bf16"
+    if iterable:  # rows in tar order whatever the workers (older directories interleaved the workers' tars)
+        meta["row_order"] = WDS_ROW_ORDER
 
     for sub in SHARD_DIRS:
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -209,45 +235,81 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
         stored = read_json(path)
         if stored is not None:
             refuse_other_run(out_dir, stored, meta, os.path.basename(path))
-    clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in SHARD_DIRS))
-    if not os.path.isfile(manifest_path):
-        atomic_json(manifest_path, meta)
-    write_config(cfg, out_dir)
+    if comm.rank == 0:  # before the barrier: no rank writes a shard while the leftovers are cleaned
+        clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in SHARD_DIRS))
+        if not os.path.isfile(manifest_path):
+            atomic_json(manifest_path, meta)
+        write_config(cfg, out_dir)
+    comm.barrier()
 
-    iterable = isinstance(ds, IterableDataset)
-    rows = cfg.shard_rows
-    if iterable:
-        # No length: reuse the full shards; a short one may be a killed run's last, so it is redone (cheap).
+    finished = read_json(summary_path)
+    if finished is not None and _complete(out_dir, finished):
+        if comm.rank == 0:
+            print(f"embed: {out_dir} is complete ({finished['count']} rows); nothing to do")
+        return finished
+
+    rows, workers, pin = cfg.shard_rows, cfg.data.workers, device.type == "cuda"
+    counts = _tar_counts(ds, comm) if iterable else None
+    if iterable and counts is None:  # remote tars (one process): read from the start, full shards reused
         done = {k for k in _shards_listed(out_dir) if _shard_rows_on_disk(out_dir, k) == rows}
         total = max(0, int(getattr(ds, "num_samples", 0)) - len(done) * rows) if _countable(ds) else None
+        batches = _stream_batches(ds, done, rows, cfg.batch_size, workers)
     else:
-        n = len(ds)
+        n = sum(counts) if iterable else len(ds)
         n_shards = math.ceil(n / rows)
         if n_shards > MAX_SHARDS:
             raise ValueError(f"shard_rows {rows} gives {n_shards} shards for {n} rows (at most {MAX_SHARDS}): raise it")
         expected = [min(rows, n - k * rows) for k in range(n_shards)]
         pending = [k for k in range(n_shards) if _shard_rows_on_disk(out_dir, k) != expected[k]]
-        total = sum(expected[k] for k in pending)
+        mine = rank_shards(pending, comm.rank, comm.world)
+        total = sum(expected[k] for k in mine)
+        batches = (
+            wds_batches(ds, counts, mine, rows, cfg.batch_size, workers, pin)
+            if iterable
+            else map_style_batches(ds, mine, n, rows, cfg.batch_size, workers, pin)
+        )
 
-    finished = read_json(summary_path)
-    if finished is not None and _complete(out_dir, finished):
-        print(f"embed: {out_dir} is complete ({finished['count']} rows); nothing to do")
-        return finished
-
-    workers = cfg.data.workers
-    batches = (
-        _stream_batches(ds, done, rows, cfg.batch_size, workers)
-        if iterable
-        else _map_style_batches(ds, pending, n, rows, cfg.batch_size, workers)
-    )
-    # A shard is written as soon as it holds all its rows (a webdataset's short last one: when the stream ends).
-    shard_size = (lambda k: rows) if iterable else (lambda k: expected[k])
+    error, embedded = None, {"rows": 0, "seconds": 0.0}
     try:
-        embedded = _embed_batches(loaded.model, batches, shard_size, out_dir, cfg, total)
+        embedded = _embed_batches(loaded.model, batches, out_dir, cfg, total, bf16, show=comm.rank == 0)
     except preempt.Stopped as e:  # SIGTERM / SIGINT / SIGUSR1: the shards written so far are kept
         preempt.leave("embed", e)
-    seconds, images = embedded["seconds"], embedded["rows"]
+    except Exception as e:  # agreed below, so that no rank waits for a failed one at a barrier
+        error = e
+    comm.agree(error)
+    images, seconds = comm.host_sum(embedded["rows"]), comm.max(embedded["seconds"])
 
+    def finish() -> dict:
+        return _write_summary(out_dir, meta, summary_path, images, seconds)
+
+    summary = run_stage(comm, finish, root_only=True)
+    return summary if summary is not None else read_json(summary_path)
+
+
+WDS_ROW_ORDER = "tars in pattern order"
+
+
+def _tar_counts(ds, comm: Comm) -> list[int] | None:
+    """Samples of each tar (header counts: they place every row), None for remote tars in one process."""
+    try:
+        counts = ds.sample_counts()
+    except ValueError as e:
+        if comm.world > 1:
+            raise ValueError(f"embed under torchrun splits the rows by tar counts, and {e}") from None
+        return None
+    for url, c in zip(ds.shards, counts):
+        if c == 0 and not ds.skip_bad:
+            raise ValueError(f"shard {url!r}: empty shard (no samples)")
+        # a tar cut on a sample boundary reads as valid: its img2dataset stats name the count it should hold
+        expected = shard_stats_count(url)
+        if expected is not None and c != expected and not ds.skip_bad:
+            raise ValueError(f"shard {url!r}: holds {c} samples, its {os.path.basename(stats_path(url))} says "
+                             f"{expected} (successes): cut short or rewritten")  # fmt: skip
+    return counts
+
+
+def _write_summary(out_dir: str, meta: dict, summary_path: str, images: float, seconds: float) -> dict:
+    """The end of a run (rank 0, every rank's shards on disk): check them, write the id index, then embed.json."""
     shards = _shards_listed(out_dir)
     if shards != list(range(len(shards))) or any(_shard_rows_on_disk(out_dir, k) is None for k in shards):
         raise ValueError(f"embed: {out_dir!r}: shards are missing after the run ({shards[:5]}…); rerun to redo them")
@@ -255,6 +317,7 @@ def run_embed(cfg: EmbedConfig, *, loaded: LoadedModel | None = None) -> dict:
     # the id -> row index beside the features, before embed.json: readers open it instead of sorting every id
     all_ids = [np.load(os.path.join(out_dir, "ids", shard_name(k)), mmap_mode="r") for k in shards]
     write_index(out_dir, np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64))
+    images = int(images)
     summary = {
         **meta,
         "count": int(sum(_shard_rows_on_disk(out_dir, k) for k in shards)),
@@ -284,39 +347,43 @@ def _countable(ds) -> bool:
         return False
 
 
-def _embed_batches(model: torch.nn.Module, batches, shard_size, out_dir: str, cfg: EmbedConfig, total: int | None):
-    """Encode the batches and write each shard once complete; the rows done and the seconds they took."""
+def _embed_batches(
+    model: torch.nn.Module, batches, out_dir: str, cfg: EmbedConfig, total: int | None, bf16: bool, show: bool = True
+):
+    """Encode the (shard, batch, last) batches and write each shard after its last batch; the rows done and the
+    seconds they took. Several shards may be open at once (DataLoader workers make one shard each). ``show``: this
+    rank draws the progress bar (rank 0; its total is its own share)."""
     from .progress import tqdm
 
     was_training = model.training
     model.eval()
+    device = model_device_dtype(model)[0]
     rows, start = 0, time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="img", desc="embed", disable=not (cfg.progress and show), dynamic_ncols=True)
     signals = preempt.Preemption()
 
     def check(k: int) -> None:  # after a shard is on disk: the unit a rerun skips
         if signals.signum:
             raise preempt.Stopped(signals.signum, f"shard {k} ({rows} rows written by this run)")
 
+    def autocast():  # bf16 on the GPU; on the CPU (fp32) a no-op, so the CPU bytes are what they were
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     try:
         with signals, torch.inference_mode():
-            current: _ShardBuffer | None = None
-            for k, batch in batches:
-                if current is not None and current.k != k:
-                    rows += current.write(out_dir, model, cfg.batch_size)
-                    check(current.k)
-                    current = None
-                if current is None:
-                    current = _ShardBuffer(k)
-                current.add(batch, image_features(model, batch["image"]))
-                if current.rows == shard_size(k):
-                    rows += current.write(out_dir, model, cfg.batch_size)
-                    current = None
+            open_shards: dict[int, _ShardBuffer] = {}
+            for k, batch, last in batches:
+                current = open_shards.setdefault(k, _ShardBuffer(k))
+                if batch is not None:
+                    with autocast():
+                        features = image_features(model, batch["image"])
+                    current.add(batch, features)
+                    bar.update(len(batch["caption"]))
+                    bar.set_postfix(shard=k, refresh=False)
+                if last:
+                    with autocast():
+                        rows += open_shards.pop(k).write(out_dir, model, cfg.batch_size)
                     check(k)
-                bar.update(len(batch["caption"]))
-                bar.set_postfix(shard=k, refresh=False)
-            if current is not None:
-                rows += current.write(out_dir, model, cfg.batch_size)
     finally:
         bar.close()
         model.train(was_training)

@@ -32,7 +32,8 @@ def model_meta(loaded: LoadedModel) -> dict:
 
 def dataset_identity(data: dict) -> dict:
     """The DataConfig fields that decide which rows, in which order, with which captions. ``workers`` changes only
-    the speed of a map-style source; a webdataset's DataLoader workers interleave its shards, so there it counts."""
+    the speed of a map-style source; a webdataset's DataLoader workers interleaved its shards in directories written
+    before ``row_order`` (tar order) was recorded, so there it counts (``run_identity`` drops it for the newer ones)."""
     out = {k: v for k, v in data.items() if k != "summary"}
     if out.get("dataset") != "wds":
         out.pop("workers", None)
@@ -45,11 +46,16 @@ def run_identity(meta: dict) -> dict:
     holds the same asset by a path of the machine that wrote it."""
     from .assets import portable
 
+    dataset = dataset_identity(meta["dataset"])
+    if "row_order" in meta:  # a webdataset embedded in tar order: the DataLoader workers no longer change the rows
+        dataset.pop("workers", None)
     return {
         "fingerprint": meta["model"]["fingerprint"],
         "model_cfg": portable(meta["model"]["model_cfg"]),
-        "dataset": dataset_identity(meta["dataset"]),
+        "dataset": dataset,
         "shard_rows": meta["shard_rows"],
+        "precision": meta.get("precision", "fp32"),
+        "row_order": meta.get("row_order", "<as read>"),
     }
 
 

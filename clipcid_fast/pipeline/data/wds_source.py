@@ -90,7 +90,7 @@ class WebDatasetSource(IterableDataset):
         self.tokens = TokenMemo(tokenizer)
         self.epoch = 0
         self.skipped = 0
-        self._num_samples: int | None = None
+        self._counts: list[int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch mixes into the shard permutation and the buffer seed (only with a shuffle_seed)."""
@@ -100,9 +100,13 @@ class WebDatasetSource(IterableDataset):
     def num_samples(self) -> int:
         """Samples in all shards (every rank together): keys with an image member, counted from the tar headers
         once (no decoding), so it can exceed what a pass yields when bad samples are skipped."""
-        if self._num_samples is None:
-            self._num_samples = sum(_count_samples(s) for s in self.shards)
-        return self._num_samples
+        return sum(self.sample_counts())
+
+    def sample_counts(self) -> list[int]:
+        """Samples in each shard (pattern order), counted from the tar headers once: keys with an image member."""
+        if self._counts is None:
+            self._counts = [_count_samples(s) for s in self.shards]
+        return list(self._counts)
 
     def shard_order(self) -> list[str]:
         """Every shard in this epoch's order (the same on every rank), before the rank / worker split."""
@@ -126,15 +130,9 @@ class WebDatasetSource(IterableDataset):
         samples = self.raw_stream(my_shards, worker, num_workers)
         skipped_before = self.skipped
         for sample in samples:
-            try:
-                item = self._decode(sample)
-            except ValueError as e:
-                if not self.skip_bad:
-                    raise
-                self.skipped += 1
-                log.warning("skipping %s", e)
-                continue
-            yield item
+            item = self.decode(sample)
+            if item is not None:
+                yield item
         if self.skipped > skipped_before:
             log.warning("rank %d worker %d: skipped %d bad samples this pass (skip_bad)",
                         self.rank, worker, self.skipped - skipped_before)  # fmt: skip
@@ -147,6 +145,26 @@ class WebDatasetSource(IterableDataset):
             rng = random.Random(int(np.random.SeedSequence([SHUFFLE_STREAM, *stream]).generate_state(1)[0]))
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         return samples
+
+    def image_samples(self, shard: str):
+        """Undecoded samples of one shard that have an image member, in member order: the samples
+        ``sample_counts`` counts, so the n-th of them is the shard's n-th row. One without an image is bad."""
+        for sample in self._raw_samples([shard]):
+            if any(e in sample for e in IMAGE_EXTENSIONS):
+                yield sample
+            else:
+                self.decode(sample)  # raises its error, or counts the skip (skip_bad)
+
+    def decode(self, sample: dict) -> dict | None:
+        """The item of an undecoded sample; None when it is bad and ``skip_bad`` counts it as skipped."""
+        try:
+            return self._decode(sample)
+        except ValueError as e:
+            if not self.skip_bad:
+                raise
+            self.skipped += 1
+            log.warning("skipping %s", e)
+            return None
 
     def _raw_samples(self, shards: list[str]):
         """Undecoded samples (dicts of member bytes), shard after shard; an empty or unreadable shard is bad."""
