@@ -52,7 +52,7 @@ def _default(cls: type, arg: str) -> Any:
     return inspect.signature(cls.__init__).parameters[arg].default
 
 
-WEIGHTS: dict[str, float] = {
+WEIGHTS: dict[str, float | bool] = {
     # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
     "crd_weight": _default(ClipKDLoss, "crd_weight"),
     "icl_weight": _default(ClipKDLoss, "icl_weight"),
@@ -65,6 +65,7 @@ WEIGHTS: dict[str, float] = {
     "cd_weight": _default(ClusterDiscriminationLoss, "weight"),
     "id_weight": _default(InstanceDiscriminationLoss, "weight"),
     "id_scale_init": _default(InstanceDiscriminationLoss, "scale_init"),
+    "id_student_text": _default(InstanceDiscriminationLoss, "use_student_text"),
     "cd_margin": _default(ClusterDiscriminationLoss, "margin")[1],
     "cd_scale": _default(ClusterDiscriminationLoss, "scale"),
     # unicom's lr_pfc_weight (an optimiser setting: no loss constructor holds it)
@@ -109,7 +110,8 @@ def _distill(w, dist):
 # the order is the one every report and table lists the recipes in
 RECIPES: dict[str, RecipeSpec] = {
     "cid": RecipeSpec("CLIP-CID: task + cluster discrimination + instance discrimination",
-                      ("cd_weight", "id_weight", "id_scale_init", "cd_margin", "cd_scale", "centre_lr_mult"),
+                      ("cd_weight", "id_weight", "id_scale_init", "id_student_text", "cd_margin", "cd_scale",
+                       "centre_lr_mult"),
                       _task_only, labels=True, project=("image",), on_student=True),
     "rd": RecipeSpec("CLIP-RD", ("crd_weight", "icl_weight", "fd_weight", "vrd_weight", "xrd_weight"), _rd),
     "kd": RecipeSpec("CLIP-KD", ("crd_weight", "icl_weight", "fd_weight"), _kd),
@@ -161,7 +163,9 @@ class Recipe(nn.Module):
         self.proj_image = (
             nn.Linear(student_dim, teacher_dim, bias=False) if project and "image" in spec.project else None
         )
-        self.proj_text = nn.Linear(student_dim, teacher_dim, bias=False) if project and "text" in spec.project else None
+        # cid's instance term reads the student's text only with id_student_text (student text <-> teacher image)
+        text_read = "text" in spec.project or (spec.labels and bool(w["id_student_text"]))
+        self.proj_text = nn.Linear(student_dim, teacher_dim, bias=False) if project and text_read else None
         self.cluster = self.instance = None
         self.loss = spec.build(w, dist)
         self.distill_weight = w["distill_weight"]
@@ -177,7 +181,12 @@ class Recipe(nn.Module):
                 raise ValueError(
                     f"--cluster-dir: centroids have D = {self.cluster.embed_dim}, the teacher's features {teacher_dim}"
                 )
-            self.instance = InstanceDiscriminationLoss(weight=w["id_weight"], scale_init=w["id_scale_init"], **dist)
+            self.instance = InstanceDiscriminationLoss(
+                weight=w["id_weight"],
+                scale_init=w["id_scale_init"],
+                use_student_text=bool(w["id_student_text"]),
+                **dist,
+            )
         self.centre_lr_mult = w["centre_lr_mult"]
 
     def forward(
@@ -198,7 +207,11 @@ class Recipe(nn.Module):
                             text_features.detach(), logit_scale.detach(), output_dict=True)  # fmt: skip
             if self.cluster is not None:
                 out.update(self.cluster(scale_grad(s_img, self._cluster_grad_factor), labels, output_dict=True))
-                out.update(self.instance(s_img, None, None, None, dist_text_features, output_dict=True))
+                s_txt = None
+                if self.instance.use_student_text:
+                    s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
+                out.update(self.instance(s_img, s_txt, None, dist_image_features, dist_text_features,
+                                         output_dict=True))  # fmt: skip
             return out
         s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
         if isinstance(self.loss, FusedDistillClipLoss):

@@ -564,3 +564,23 @@ def test_fashion_mnist_planted_augmented_copies_are_removed(tmp_path):
     assert (keep[src] | keep[4500 + np.arange(500)]).mean() >= 0.95  # … and usually one survives
     others = np.setdiff1d(np.arange(4500), src)
     assert (~keep[others]).mean() <= 0.03  # few genuine images go
+
+
+def test_trainer_reads_unionfind_masks_too(tmp_path):
+    """``load_keep_mask`` (what ``train --balance-dir --balance-eps`` reads) finds union-find's keep_delta mask
+    as it finds SemDeDup's keep_eps one; neither or both in one folder is one clear error."""
+    x = DATASETS["planted"](np.random.default_rng(3), d=12)
+    uf, sd = tmp_path / "uf", tmp_path / "sd"
+    _run(_save(tmp_path, x), uf, method="unionfind", delta=[0.2], tile=16, k=4)
+    _run(_save(tmp_path, x), sd, eps=[0.2], k=4)
+    want_uf, want_sd = np.load(uf / "keep_delta0.2.npy"), np.load(sd / "keep_eps0.2.npy")
+    assert not want_uf.all()  # the planted duplicates are removed: the mask says something
+    np.testing.assert_array_equal(balance.load_keep_mask(str(uf), 0.2, len(x)), want_uf)
+    np.testing.assert_array_equal(balance.load_keep_mask(str(sd), 0.2, len(x)), want_sd)
+    with pytest.raises(ValueError, match=r"no keep_eps0\.3\.npy or keep_delta0\.3\.npy"):
+        balance.load_keep_mask(str(uf), 0.3, len(x))
+    with pytest.raises(ValueError, match="rows, the teacher cache"):
+        balance.load_keep_mask(str(uf), 0.2, len(x) + 1)
+    np.save(uf / "keep_eps0.2.npy", want_sd)
+    with pytest.raises(ValueError, match="holds both"):
+        balance.load_keep_mask(str(uf), 0.2, len(x))
