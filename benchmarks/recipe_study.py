@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: timings comparable)")
     add_size_args(p)  # the sizes bench_recipes.regime_config reads, at the demo's values
     p.add_argument("--out-dir", default="runs/study", help="run directories (reused by a rerun)")
+    p.add_argument("--teacher-cache-dir", default=None,
+                   help="where the default teacher's weights are cached (default: ~/.cache/clipcid_fast); a "
+                        "private copy keeps a study's teacher fixed while other jobs retrain the shared one")  # fmt: skip
     p.add_argument("--csv", type=Path, default=RESULTS / "recipe_study.csv")
     p.add_argument("--plot", type=Path, default=RESULTS / "recipe_study.png")
     p.add_argument("--dry-run", action="store_true", help="print the variants and their run folders, run nothing")
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     panels, out_tables, rows = {}, [], []
     for regime in args.regimes:
         cfg = regime_config(args, regime)
+        if args.teacher_cache_dir:
+            cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, cache_dir=args.teacher_cache_dir))
         if args.dry_run:
             for v in args.variants:
                 print(f"{v.label}: {v.run_key(cfg)} {v.resolved(cfg)}")
