@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_size_args(p)  # the sizes bench_recipes.regime_config reads, at the demo's values
     p.add_argument("--out-dir", default="runs/study", help="run directories (reused by a rerun)")
     p.add_argument("--teacher-cache-dir", default=None,
-                   help="where the default teacher's weights are cached (default: ~/.cache/clipcid_fast); a "
-                        "private copy keeps a study's teacher fixed while other jobs retrain the shared one")  # fmt: skip
+                   help="the default teacher's weight cache (default ~/.cache/clipcid_fast); a private copy "
+                        "keeps a study's teacher fixed while other jobs retrain the shared one")  # fmt: skip
     p.add_argument("--csv", type=Path, default=RESULTS / "recipe_study.csv")
     p.add_argument("--plot", type=Path, default=RESULTS / "recipe_study.png")
     p.add_argument("--dry-run", action="store_true", help="print the variants and their run folders, run nothing")

@@ -1,15 +1,16 @@
 """The recipe table: name → the library's loss modules a recipe composes, and what it needs.
 
 =========  ==========================================================================================
-recipe     terms (each weight a flag; defaults: ``WEIGHTS``, read from the loss constructors)
+recipe     terms (each weight a flag; defaults: ``WEIGHTS``, the published values; cid's measured)
 =========  ==========================================================================================
 baseline   the student's CLIP loss alone (``task_loss``)
 distill    open_clip's ``DistillClipLoss`` (``FusedDistillClipLoss``): contrastive + distill
 kd         CLIP-KD (``ClipKDLoss``): task + CRD + ICL + 2000·FD
 rd         CLIP-RD (``ClipRDLoss``): task + HRD + ICL + 2000·FD + VRD + XRD
 cid        CLIP-CID: task + λ_cd · ``ClusterDiscriminationLoss`` (student image embeddings against the
-           pseudo-class centres of ``clipcid-fast cluster``, initialised from its centroids, learnable)
-           + λ_id · ``InstanceDiscriminationLoss`` (student image ↔ teacher text)
+           pseudo-class centres of ``clipcid-fast cluster``: its centroids, fixed by default,
+           ``centre_lr_mult`` > 0 learns them) + λ_id · ``InstanceDiscriminationLoss`` (student image ↔
+           teacher text; ``id_student_text``: student text ↔ teacher image too)
 =========  ==========================================================================================
 
 Every trainer builds its loss here: ``clipcid-fast train`` (``pipeline/train.py``), the open_clip_train
@@ -61,18 +62,21 @@ WEIGHTS: dict[str, float | bool] = {
     "xrd_weight": _default(ClipRDLoss, "xrd_weight"),
     # open_clip's DistillClipLoss sums its two terms with weight 1 (no loss constructor holds this weight)
     "distill_weight": 1.0,
-    # CLIP-CID (no public values: unicom's ArcFace defaults)
+    # CLIP-CID publishes no values. Weights and scale: unicom's ArcFace defaults. Margin and centre lr: measured
+    # (docs/cid_defaults.md, the recipe study over 5 seeds): unicom's m = 0.5 exceeds the 0.23 rad between
+    # neighbouring teacher centroids and its learnable centres at 3x lr drift away from them; m = 0.2 with the
+    # centres fixed at the teacher's centroids keeps the teacher's cluster structure as the target.
     "cd_weight": _default(ClusterDiscriminationLoss, "weight"),
     "id_weight": _default(InstanceDiscriminationLoss, "weight"),
     "id_scale_init": _default(InstanceDiscriminationLoss, "scale_init"),
     "id_student_text": _default(InstanceDiscriminationLoss, "use_student_text"),
-    "cd_margin": _default(ClusterDiscriminationLoss, "margin")[1],
+    "cd_margin": 0.2,
     "cd_scale": _default(ClusterDiscriminationLoss, "scale"),
-    # unicom's lr_pfc_weight (an optimiser setting: no loss constructor holds it)
-    "centre_lr_mult": 3.0,
+    # the centres' lr multiplier (unicom's lr_pfc_weight is 3; an optimiser setting: no loss constructor holds it)
+    "centre_lr_mult": 0.0,
 }
-"""Every recipe weight's default, the published values; ``pipeline.config.RecipeWeights`` and the plug-in's
-flags read them from here."""
+"""Every recipe weight's default (the published values; cid's from the recipe study, docs/cid_defaults.md);
+``pipeline.config.RecipeWeights`` and the plug-in's flags read them from here."""
 
 
 @dataclasses.dataclass(frozen=True)

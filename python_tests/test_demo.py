@@ -41,6 +41,7 @@ def test_quick_preset_sits_under_yaml_and_flags(tmp_path):
     [
         (["--recipes", "cid,nope"], "--recipes"),
         (["--balance-eps", "3"], "--balance-eps"),
+        (["--balance-keep", "middle"], "--balance-keep"),
         (["--steps", "0"], "--steps"),
         (["--dataset", "csv"], "--dataset"),
     ],

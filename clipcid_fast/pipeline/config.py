@@ -231,7 +231,7 @@ RECIPES = tuple(_RECIPE_TABLE)
 
 @dataclasses.dataclass
 class RecipeWeights:
-    """Loss weights and temperatures; defaults are the published values, defined once in ``recipes.WEIGHTS``."""
+    """Loss weights and temperatures; defaults defined once in ``recipes.WEIGHTS`` (published; cid's measured)."""
 
     # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
     crd_weight: float = dataclasses.field(
@@ -249,7 +249,8 @@ class RecipeWeights:
     distill_weight: float = dataclasses.field(
         default=WEIGHTS["distill_weight"], metadata=_help("distill: weight of the distill term")
     )
-    # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
+    # CLIP-CID (no public values: unicom's ArcFace weights and scale; margin and centre lr measured,
+    # docs/cid_defaults.md)
     cd_weight: float = dataclasses.field(
         default=WEIGHTS["cd_weight"], metadata=_help("cid: cluster-discrimination weight")
     )
@@ -270,7 +271,10 @@ class RecipeWeights:
     cd_scale: float = dataclasses.field(default=WEIGHTS["cd_scale"], metadata=_help("cid: margin-softmax scale s"))
     centre_lr_mult: float = dataclasses.field(
         default=WEIGHTS["centre_lr_mult"],
-        metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)"),
+        metadata=_help(
+            "cid: learning-rate multiplier of the class centres (0: fixed at the teacher's centroids; "
+            "unicom's lr_pfc_weight is 3)"
+        ),
     )
 
 
