@@ -323,9 +323,14 @@ def _finished_run(tcfg: TrainConfig) -> dict | None:
     cfg_path = os.path.join(tcfg.out_dir, "config.yaml")
     if summary is None or not os.path.isfile(cfg_path) or summary.get("final", {}).get("step") != tcfg.steps:
         return None
-    saved = OmegaConf.to_container(OmegaConf.load(cfg_path))
+    saved, now, defaults = OmegaConf.to_container(OmegaConf.load(cfg_path)), to_dict(tcfg), to_dict(TrainConfig())
+    # a weight the recipe does not read does not change its run (a changed cid default leaves kd's runs reused)
+    reads = set(TABLE[tcfg.recipe].weights)
+    for c in (saved, now, defaults):
+        if isinstance(c.get("weights"), dict):
+            c["weights"] = {k: v for k, v in c["weights"].items() if k in reads}
     # a field added to the config since the run, left at its default, does not change the run (as in train)
-    if config_difference(saved, to_dict(tcfg), defaults=to_dict(TrainConfig())):
+    if config_difference(saved, now, defaults=defaults):
         return None  # run_train will refuse it with the differences
     return summary
 
