@@ -21,8 +21,8 @@ variant on the same seeds.
 
 Outputs: long-format rows appended to ``--csv`` (``benchmarks/results/recipe_study.csv``; one row per variant ×
 seed × metric with ``stat = value``, and per variant × metric ``mean``, ``se``, ``diff`` / ``diff_se`` /
-``diff_t`` against ``versus``), the plot ``--plot`` (paired difference from baseline ± 2 SE per variant and
-metric), and markdown tables on stdout.
+``diff_t`` against ``versus``: baseline, the best other recipe, and ``--versus``), the plot ``--plot``
+(paired difference from baseline ± 2 SE per variant and metric), and markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from benchmarks._harness import device_name, git_sha
 from benchmarks.bench_recipes import REGIMES, _version, add_size_args, regime_config
 from benchmarks.paired_stats import best_other, paired, summarize, t_value
-from benchmarks.study_variants import Variant, parse_variants
+from benchmarks.study_variants import Variant, parse_variant, parse_variants
 from clipcid_fast.pipeline import demo
 from clipcid_fast.pipeline.demo_report import METRICS, headline
 
@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "keeps a study's teacher fixed while other jobs retrain the shared one")  # fmt: skip
     p.add_argument("--csv", type=Path, default=RESULTS / "recipe_study.csv")
     p.add_argument("--plot", type=Path, default=RESULTS / "recipe_study.png")
+    p.add_argument("--versus", default=None, metavar="VARIANT",
+                   help="also the paired difference of every variant from this one (one of the variants)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the variants and their run folders, run nothing")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -84,8 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give at least one --variant or --recipes")
     try:
         args.variants = parse_variants(specs)
+        if args.versus is not None:
+            args.versus = parse_variant(args.versus).label
     except ValueError as e:
         p.error(str(e))
+    if args.versus is not None and args.versus not in [v.label for v in args.variants]:
+        p.error(f"--versus {args.versus!r} is not one of the variants")
     return args
 
 
@@ -125,8 +131,9 @@ def run_regime(cfg, variants: list[Variant], seeds: list[int]) -> dict:
     return out
 
 
-def analyse(results: dict, variants: list[Variant], seeds: list[int]) -> dict:
-    """Per metric and variant: the summary, the paired difference from baseline and from the best other recipe."""
+def analyse(results: dict, variants: list[Variant], seeds: list[int], versus: str | None = None) -> dict:
+    """Per metric and variant: the summary, the paired difference from baseline, from the best other recipe and
+    (``versus``: a variant label) from that variant."""
     recipe_of = {v.label: v.recipe for v in variants}
     base = next((v.label for v in variants if v.label == "baseline"), None)
     out = {}
@@ -142,37 +149,42 @@ def analyse(results: dict, variants: list[Variant], seeds: list[int]) -> dict:
             other = best_other(means, label, recipe_of)
             if other is not None:
                 row["best_other"] = (other, paired(per[label], per[other]))
+            if versus is not None and label != versus:
+                row["versus"] = (versus, paired(per[label], per[versus]))
             rows[label] = row
         out[metric] = rows
     return out
 
 
-def _pm(s, scale=100.0) -> str:
-    se = "n/a" if math.isnan(s.se) else f"{scale * s.se:.2f}"
-    return f"{scale * s.mean:+.2f} ± {se}" if scale < 0 else f"{scale * s.mean:.2f} ± {se}"
+def _pm(s) -> str:
+    return f"{100 * s.mean:.2f} ± {'n/a' if math.isnan(s.se) else f'{100 * s.se:.2f}'}"
 
 
-def _diff(entry) -> str:
+def _diff(entry, name: bool = True) -> str:
     if entry is None:
         return ""
     other, d = entry
     t = t_value(d)
-    return f"{100 * d.mean:+.2f} ± {'n/a' if math.isnan(d.se) else f'{100 * d.se:.2f}'} (t {t:+.1f}) vs {other}"
+    out = f"{100 * d.mean:+.2f} ± {'n/a' if math.isnan(d.se) else f'{100 * d.se:.2f}'} (t {t:+.1f})"
+    return f"{out} vs {other}" if name else out
 
 
-def tables(regime: str, cfg, results: dict, stats: dict, seeds: list[int]) -> str:
+def tables(regime: str, cfg, results: dict, stats: dict, seeds: list[int], versus: str | None = None) -> str:
     reg = demo.regime(cfg)
     head = (f"### {regime}: student corpus {reg['student_samples']} images, caption noise {reg['caption_noise']:g}; "
             f"{cfg.steps} steps of {cfg.batch_size}; seeds {seeds} (n = {len(seeds)} per number); "
             f"mean ± SE; Δ = paired same-seed difference ± SE (t, {len(seeds) - 1} dof)")  # fmt: skip
     lines = [head]
     for metric, name in METRICS.items():
-        lines += ["", f"**{name}** (%)", "", "| variant | mean ± SE | Δ vs baseline | Δ vs best other recipe |",
-                  "| --- | --- | --- | --- |"]  # fmt: skip
+        extra = f" Δ vs {versus} |" if versus else ""
+        lines += ["", f"**{name}** (%)", "", f"| variant | mean ± SE | Δ vs baseline | Δ vs best other recipe |{extra}",
+                  "| --- | --- | --- | --- |" + (" --- |" if versus else "")]  # fmt: skip
         for label, row in stats[metric].items():
-            lines.append(f"| {label} | {_pm(row['summary'])} | {_diff(row.get('baseline'))} | "
-                         f"{_diff(row.get('best_other'))} |")  # fmt: skip
-        lines.append(f"| teacher | {100 * results['teacher'][metric]:.2f} | | |")
+            cells = [_pm(row["summary"]), _diff(row.get("baseline")), _diff(row.get("best_other"))]
+            if versus:
+                cells.append(_diff(row.get("versus"), name=False))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| teacher | {100 * results['teacher'][metric]:.2f} |" + " |" * (2 + bool(versus)))
     return "\n".join(lines)
 
 
@@ -196,7 +208,7 @@ def csv_rows(regime: str, cfg, variants: list[Variant], results: dict, stats: di
             s = row["summary"]
             for stat, value in (("mean", s.mean), ("se", s.se)):
                 rows.append({**common, "seed": "all", "stat": stat, "metric": metric, "value": value, "n_seeds": s.n})
-            for which in ("baseline", "best_other"):
+            for which in ("baseline", "best_other", "versus"):
                 if which in row:
                     other, d = row[which]
                     for stat, value in (("diff", d.mean), ("diff_se", d.se), ("diff_t", t_value(d))):
@@ -276,8 +288,8 @@ def main(argv=None) -> int:
                 print(f"{v.label}: {v.run_key(cfg)} {v.resolved(cfg)}")
             continue
         results = run_regime(cfg, args.variants, args.seeds)
-        stats = analyse(results, args.variants, args.seeds)
-        out_tables.append(tables(regime, cfg, results, stats, args.seeds))
+        stats = analyse(results, args.variants, args.seeds, args.versus)
+        out_tables.append(tables(regime, cfg, results, stats, args.seeds, args.versus))
         rows += csv_rows(regime, cfg, args.variants, results, stats, args.seeds)
         panels[regime] = stats
     if args.dry_run:

@@ -103,7 +103,7 @@ def test_analyse_and_csv_rows(tmp_path):
     variants = parse_variants(["baseline", "kd", "rd", "cid", "cid:cd_margin=0.2"])
     seeds = [0, 1, 2]
     res = _fake_results(variants, seeds, np.random.default_rng(1))
-    st = recipe_study.analyse(res, variants, seeds)
+    st = recipe_study.analyse(res, variants, seeds, versus="cid")
     for metric in METRICS:
         zs = {v.label: [res["runs"][v.label, s][metric] for s in seeds] for v in variants}
         for label in ("cid", "cid:cd_margin=0.2"):
@@ -113,6 +113,9 @@ def test_analyse_and_csv_rows(tmp_path):
             best = max(("kd", "rd"), key=lambda r: np.mean(zs[r]))
             assert row["best_other"][0] == best
             assert row["best_other"][1].se == pytest.approx(sps.sem(np.subtract(zs[label], zs[best])))
+        d = st[metric]["cid:cd_margin=0.2"]["versus"]
+        assert d[0] == "cid" and d[1].mean == pytest.approx(np.mean(np.subtract(zs["cid:cd_margin=0.2"], zs["cid"])))
+        assert "versus" not in st[metric]["cid"]
         assert "baseline" not in st[metric]["baseline"]
     rows = recipe_study.csv_rows("noisy", DemoConfig(), variants, res, st, seeds)
     path = tmp_path / "study.csv"
