@@ -250,7 +250,7 @@ def plot(panels: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     n_variants = max(len(next(iter(stats.values()))) for stats in panels.values())
-    height = 0.9 + 0.38 * n_variants * len(panels)
+    height = 1.6 + 0.38 * n_variants * len(panels)
     fig, axes = plt.subplots(len(panels), len(METRICS), squeeze=False, figsize=(5.5 * len(METRICS), height))
     for row, (regime, stats) in zip(axes, panels.items()):
         for ax, (metric, name) in zip(row, METRICS.items()):
