@@ -85,14 +85,8 @@ COLUMNS = (
 """The CSV columns of ``recipes.csv``, in this order (benchmarks/README.md, section "Recipe quality")."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES, help="default: both")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument(
-        "--clean-seeds", nargs="+", type=int, default=None, help="seeds of the clean regime (default: --seeds)"
-    )
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated (default: all five)")
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every size ``regime_config`` reads, at the demo's values (shared with ``recipe_study.py``)."""
     p.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps of every run")
     p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
     p.add_argument(
@@ -112,10 +106,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-classes", type=int, default=DemoConfig.n_classes)
     p.add_argument("--eval-samples", type=int, default=0, help="held-out images per eval (0 = all 10k)")
     p.add_argument("--probe-train-samples", type=int, default=DemoConfig.probe_train_samples)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES, help="default: both")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument(
+        "--clean-seeds", nargs="+", type=int, default=None, help="seeds of the clean regime (default: --seeds)"
+    )
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated (default: all five)")
+    add_size_args(p)
     p.add_argument("--out-dir", default="runs/bench_recipes", help="run directories (reused by a rerun)")
     p.add_argument("--csv", type=Path, default=RESULTS / "recipes.csv")
     p.add_argument("--plot", type=Path, default=RESULTS / "recipes.png")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")

@@ -1,15 +1,16 @@
 """The recipe table: name → the library's loss modules a recipe composes, and what it needs.
 
 =========  ==========================================================================================
-recipe     terms (each weight a flag; defaults: ``WEIGHTS``, read from the loss constructors)
+recipe     terms (each weight a flag; defaults: ``WEIGHTS``, the published values; cid's measured)
 =========  ==========================================================================================
 baseline   the student's CLIP loss alone (``task_loss``)
 distill    open_clip's ``DistillClipLoss`` (``FusedDistillClipLoss``): contrastive + distill
 kd         CLIP-KD (``ClipKDLoss``): task + CRD + ICL + 2000·FD
 rd         CLIP-RD (``ClipRDLoss``): task + HRD + ICL + 2000·FD + VRD + XRD
 cid        CLIP-CID: task + λ_cd · ``ClusterDiscriminationLoss`` (student image embeddings against the
-           pseudo-class centres of ``clipcid-fast cluster``, initialised from its centroids, learnable)
-           + λ_id · ``InstanceDiscriminationLoss`` (student image ↔ teacher text); ``cd_topk = k > 0``: the
+           pseudo-class centres of ``clipcid-fast cluster``: its centroids, fixed by default,
+           ``centre_lr_mult`` > 0 learns them) + λ_id · ``InstanceDiscriminationLoss`` (student image ↔
+           teacher text; ``id_student_text``: student text ↔ teacher image too); ``cd_topk = k > 0``: the
            cluster term is MLCD's multi-label loss on each row's k nearest centres instead
 =========  ==========================================================================================
 
@@ -53,7 +54,7 @@ def _default(cls: type, arg: str) -> Any:
     return inspect.signature(cls.__init__).parameters[arg].default
 
 
-WEIGHTS: dict[str, float] = {
+WEIGHTS: dict[str, float | bool] = {
     # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
     "crd_weight": _default(ClipKDLoss, "crd_weight"),
     "icl_weight": _default(ClipKDLoss, "icl_weight"),
@@ -62,20 +63,24 @@ WEIGHTS: dict[str, float] = {
     "xrd_weight": _default(ClipRDLoss, "xrd_weight"),
     # open_clip's DistillClipLoss sums its two terms with weight 1 (no loss constructor holds this weight)
     "distill_weight": 1.0,
-    # CLIP-CID (no public values: unicom's ArcFace defaults)
+    # CLIP-CID publishes no values. Weights and scale: unicom's ArcFace defaults. Margin and centre lr: measured
+    # (docs/cid_defaults.md, the recipe study over 5 seeds): unicom's m = 0.5 exceeds the 0.23 rad between
+    # neighbouring teacher centroids and its learnable centres at 3x lr drift away from them; m = 0.2 with the
+    # centres fixed at the teacher's centroids keeps the teacher's cluster structure as the target.
     "cd_weight": _default(ClusterDiscriminationLoss, "weight"),
     "id_weight": _default(InstanceDiscriminationLoss, "weight"),
     "id_scale_init": _default(InstanceDiscriminationLoss, "scale_init"),
-    "cd_margin": _default(ClusterDiscriminationLoss, "margin")[1],
+    "id_student_text": _default(InstanceDiscriminationLoss, "use_student_text"),
+    "cd_margin": 0.2,
     "cd_scale": _default(ClusterDiscriminationLoss, "scale"),
-    # unicom's lr_pfc_weight (an optimiser setting: no loss constructor holds it)
-    "centre_lr_mult": 3.0,
+    # the centres' lr multiplier (unicom's lr_pfc_weight is 3; an optimiser setting: no loss constructor holds it)
+    "centre_lr_mult": 0.0,
     # MLCD's multi-label cluster loss on each row's k nearest centres (topk.npy of clipcid-fast cluster --topk);
     # 0 = CLIP-CID's single-label cluster term
     "cd_topk": 0,
 }
-"""Every recipe weight's default, the published values; ``pipeline.config.RecipeWeights`` and the plug-in's
-flags read them from here."""
+"""Every recipe weight's default (the published values; cid's from the recipe study, docs/cid_defaults.md);
+``pipeline.config.RecipeWeights`` and the plug-in's flags read them from here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +118,8 @@ def _distill(w, dist):
 # the order is the one every report and table lists the recipes in
 RECIPES: dict[str, RecipeSpec] = {
     "cid": RecipeSpec("CLIP-CID: task + cluster discrimination + instance discrimination",
-                      ("cd_weight", "id_weight", "id_scale_init", "cd_margin", "cd_scale", "centre_lr_mult", "cd_topk"),
+                      ("cd_weight", "id_weight", "id_scale_init", "id_student_text", "cd_margin", "cd_scale",
+                       "centre_lr_mult", "cd_topk"),
                       _task_only, labels=True, project=("image",), on_student=True),
     "rd": RecipeSpec("CLIP-RD", ("crd_weight", "icl_weight", "fd_weight", "vrd_weight", "xrd_weight"), _rd),
     "kd": RecipeSpec("CLIP-KD", ("crd_weight", "icl_weight", "fd_weight"), _kd),
@@ -165,7 +171,9 @@ class Recipe(nn.Module):
         self.proj_image = (
             nn.Linear(student_dim, teacher_dim, bias=False) if project and "image" in spec.project else None
         )
-        self.proj_text = nn.Linear(student_dim, teacher_dim, bias=False) if project and "text" in spec.project else None
+        # cid's instance term reads the student's text only with id_student_text (student text <-> teacher image)
+        text_read = "text" in spec.project or (spec.labels and bool(w["id_student_text"]))
+        self.proj_text = nn.Linear(student_dim, teacher_dim, bias=False) if project and text_read else None
         self.cluster = self.instance = None
         self.loss = spec.build(w, dist)
         self.distill_weight = w["distill_weight"]
@@ -181,7 +189,12 @@ class Recipe(nn.Module):
                 raise ValueError(
                     f"--cluster-dir: centroids have D = {self.cluster.embed_dim}, the teacher's features {teacher_dim}"
                 )
-            self.instance = InstanceDiscriminationLoss(weight=w["id_weight"], scale_init=w["id_scale_init"], **dist)
+            self.instance = InstanceDiscriminationLoss(
+                weight=w["id_weight"],
+                scale_init=w["id_scale_init"],
+                use_student_text=bool(w["id_student_text"]),
+                **dist,
+            )
         self.centre_lr_mult = w["centre_lr_mult"]
 
     def forward(
@@ -202,7 +215,11 @@ class Recipe(nn.Module):
                             text_features.detach(), logit_scale.detach(), output_dict=True)  # fmt: skip
             if self.cluster is not None:
                 out.update(self.cluster(scale_grad(s_img, self._cluster_grad_factor), labels, output_dict=True))
-                out.update(self.instance(s_img, None, None, None, dist_text_features, output_dict=True))
+                s_txt = None
+                if self.instance.use_student_text:
+                    s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
+                out.update(self.instance(s_img, s_txt, None, dist_image_features, dist_text_features,
+                                         output_dict=True))  # fmt: skip
             return out
         s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
         if isinstance(self.loss, FusedDistillClipLoss):

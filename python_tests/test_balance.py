@@ -596,3 +596,23 @@ def test_a_stop_signal_finishes_the_batch_and_a_rerun_completes(tmp_path, resume
     assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # the handler is gone
     _run(emb, out, invalid="remove", **RESUME_KW)
     _assert_same_files(ref, out)
+
+
+def test_trainer_reads_unionfind_masks_too(tmp_path):
+    """``load_keep_mask`` (what ``train --balance-dir --balance-eps`` reads) finds union-find's keep_delta mask
+    as it finds SemDeDup's keep_eps one; neither or both in one folder is one clear error."""
+    x = DATASETS["planted"](np.random.default_rng(3), d=12)
+    uf, sd = tmp_path / "uf", tmp_path / "sd"
+    _run(_save(tmp_path, x), uf, method="unionfind", delta=[0.2], tile=16, k=4)
+    _run(_save(tmp_path, x), sd, eps=[0.2], k=4)
+    want_uf, want_sd = np.load(uf / "keep_delta0.2.npy"), np.load(sd / "keep_eps0.2.npy")
+    assert not want_uf.all()  # the planted duplicates are removed: the mask says something
+    np.testing.assert_array_equal(balance.load_keep_mask(str(uf), 0.2, len(x)), want_uf)
+    np.testing.assert_array_equal(balance.load_keep_mask(str(sd), 0.2, len(x)), want_sd)
+    with pytest.raises(ValueError, match=r"no keep_eps0\.3\.npy or keep_delta0\.3\.npy"):
+        balance.load_keep_mask(str(uf), 0.3, len(x))
+    with pytest.raises(ValueError, match="rows, the teacher cache"):
+        balance.load_keep_mask(str(uf), 0.2, len(x) + 1)
+    np.save(uf / "keep_eps0.2.npy", want_sd)
+    with pytest.raises(ValueError, match="holds both"):
+        balance.load_keep_mask(str(uf), 0.2, len(x))

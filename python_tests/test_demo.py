@@ -41,6 +41,7 @@ def test_quick_preset_sits_under_yaml_and_flags(tmp_path):
     [
         (["--recipes", "cid,nope"], "--recipes"),
         (["--balance-eps", "3"], "--balance-eps"),
+        (["--balance-keep", "middle"], "--balance-keep"),
         (["--steps", "0"], "--steps"),
         (["--dataset", "csv"], "--dataset"),
     ],
@@ -90,3 +91,23 @@ def test_quick_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     assert again["stage_reused"] == dict.fromkeys(STAGES, True)
     assert _mtimes(out) == before  # no checkpoint, feature or mask file was rewritten
     assert sum(again["stage_seconds_this_run"].values()) < 30
+
+
+@pytest.mark.parametrize("recipe", ["kd", "cid"])
+def test_finished_run_reused_unless_a_weight_it_reads_changed(tmp_path, recipe):
+    """A finished run is reused when only weights its recipe does not read differ (a changed cid default leaves
+    kd's runs alone), and not when one it reads differs."""
+    import dataclasses
+
+    from clipcid_fast.pipeline.config import write_config
+    from clipcid_fast.recipes import RECIPES as TABLE
+
+    cfg = demo.build_demo_config(None, {"out_dir": str(tmp_path)})
+    layout = demo.Layout(str(tmp_path))
+    tcfg = demo.train_config(cfg, layout, recipe, 0)
+    old = dataclasses.replace(tcfg, weights=dataclasses.replace(tcfg.weights, cd_margin=tcfg.weights.cd_margin + 0.1))
+    write_config(old, tcfg.out_dir)
+    with open(os.path.join(tcfg.out_dir, "summary.json"), "w") as f:
+        json.dump({"final": {"step": tcfg.steps}}, f)
+    reused = demo._finished_run(tcfg)
+    assert (reused is not None) == ("cd_margin" not in TABLE[recipe].weights)

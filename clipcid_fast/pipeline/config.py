@@ -36,6 +36,12 @@ def _help(text: str) -> dict:
 # a required path given as a positional argument (OmegaConf's "???" marks a mandatory value)
 MISSING_PATH = "???"
 
+# One dedup threshold default for balance, train and the demo (docs/cid_defaults.md): at 0.002 SemDeDup removes
+# about 10 % of the offline corpus, the setting every cid number of the recipe study was measured on.
+BALANCE_EPS = 0.002
+# the thresholds ``balance`` measures by default (one pass; the removed fraction of each is printed)
+BALANCE_EPS_GRID = (0.0005, 0.001, BALANCE_EPS, 0.003, 0.005, 0.01)
+
 
 @dataclasses.dataclass
 class DataConfig:
@@ -221,7 +227,7 @@ class BalanceConfig:
     max_points_per_centroid: int = dataclasses.field(default=256, metadata=_help("k-means sample = k × this"))
     method: str = dataclasses.field(default="semdedup", metadata=_help("semdedup or unionfind"))
     eps: list[float] = dataclasses.field(
-        default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2], metadata=_help("semdedup eps list, e.g. 0.01,0.05")
+        default_factory=lambda: list(BALANCE_EPS_GRID), metadata=_help("semdedup eps list, e.g. 0.002,0.005")
     )
     delta: list[float] = dataclasses.field(
         default_factory=lambda: [0.2, 0.3, 0.4, 0.5], metadata=_help("unionfind distance thresholds")
@@ -266,7 +272,7 @@ RECIPES = tuple(_RECIPE_TABLE)
 
 @dataclasses.dataclass
 class RecipeWeights:
-    """Loss weights and temperatures; defaults are the published values, defined once in ``recipes.WEIGHTS``."""
+    """Loss weights and temperatures; defaults defined once in ``recipes.WEIGHTS`` (published; cid's measured)."""
 
     # CLIP-KD (winycg/CLIP-KD ViT_T_16_kd.sh) and CLIP-RD (Rosieyang01/CLIP-RD ViT_T_16_RD.sh)
     crd_weight: float = dataclasses.field(
@@ -284,7 +290,8 @@ class RecipeWeights:
     distill_weight: float = dataclasses.field(
         default=WEIGHTS["distill_weight"], metadata=_help("distill: weight of the distill term")
     )
-    # CLIP-CID (no public values: unicom's ArcFace defaults, README "Modelling choices" 3)
+    # CLIP-CID (no public values: unicom's ArcFace weights and scale; margin and centre lr measured,
+    # docs/cid_defaults.md)
     cd_weight: float = dataclasses.field(
         default=WEIGHTS["cd_weight"], metadata=_help("cid: cluster-discrimination weight")
     )
@@ -295,13 +302,20 @@ class RecipeWeights:
         default=WEIGHTS["id_scale_init"],
         metadata=_help("cid: initial raw logit scale of the instance term (CLIP-KD's ICL init)"),
     )
+    id_student_text: bool = dataclasses.field(
+        default=WEIGHTS["id_student_text"],
+        metadata=_help("cid: the instance term pairs student text <-> teacher image too (CLIP-KD's ICL form)"),
+    )
     cd_margin: float = dataclasses.field(
         default=WEIGHTS["cd_margin"], metadata=_help("cid: ArcFace additive angular margin m2")
     )
     cd_scale: float = dataclasses.field(default=WEIGHTS["cd_scale"], metadata=_help("cid: margin-softmax scale s"))
     centre_lr_mult: float = dataclasses.field(
         default=WEIGHTS["centre_lr_mult"],
-        metadata=_help("cid: learning-rate multiplier of the class centres (unicom's lr_pfc_weight)"),
+        metadata=_help(
+            "cid: learning-rate multiplier of the class centres (0: fixed at the teacher's centroids; "
+            "unicom's lr_pfc_weight is 3)"
+        ),
     )
     cd_topk: int = dataclasses.field(
         default=WEIGHTS["cd_topk"],
@@ -325,7 +339,9 @@ class TrainConfig:
     balance_dir: Optional[str] = dataclasses.field(  # noqa: UP045
         default=None, metadata=_help("cid: clipcid-fast balance output (its keep mask selects the training rows)")
     )
-    balance_eps: float = dataclasses.field(default=0.05, metadata=_help("cid: which of balance's eps masks to use"))
+    balance_eps: float = dataclasses.field(
+        default=BALANCE_EPS, metadata=_help("cid: which of balance's masks to use (its eps, or union-find's delta)")
+    )
     cluster_dir: Optional[str] = dataclasses.field(  # noqa: UP045
         default=None, metadata=_help("cid: clipcid-fast cluster output (centroids.npy, labels.npy)")
     )
@@ -410,12 +426,17 @@ class DemoConfig:
     train_eval_samples: int = dataclasses.field(default=2000, metadata=_help("held-out images of that check"))
     balance_k: int = dataclasses.field(default=64, metadata=_help("balance: k-means clusters of the semdedup pass"))
     balance_eps: float = dataclasses.field(
-        default=0.002, metadata=_help("balance: the eps whose keep mask cid trains on (added to the grid)")
+        default=BALANCE_EPS, metadata=_help("balance: the eps whose keep mask cid trains on (added to the grid)")
     )
     balance_eps_grid: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0005, 0.001, 0.002, 0.003, 0.005, 0.01],
+        default_factory=lambda: list(BALANCE_EPS_GRID),
         metadata=_help("balance: every eps measured (removed fraction printed per eps)"),
     )
+    balance_keep: str = dataclasses.field(
+        default="hard",
+        metadata=_help("balance: which member of a near-duplicate group stays: hard (farthest from the centroid, "
+                       "SemDeDup's rule), easy (nearest: the central one, CLIP-CID's reading) or random"),
+    )  # fmt: skip
     n_classes: int = dataclasses.field(default=100, metadata=_help("cluster: pseudo-classes of the kept rows"))
     eval_samples: int = dataclasses.field(default=0, metadata=_help("eval: held-out images (0 = the whole split)"))
     probe_train_samples: int = dataclasses.field(default=10000, metadata=_help("eval: linear-probe training images"))

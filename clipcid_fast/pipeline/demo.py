@@ -88,6 +88,10 @@ def check_demo_config(cfg: DemoConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 < cfg.balance_eps < 2.0:
         raise ValueError(f"--balance-eps must be in (0, 2), got {cfg.balance_eps}")
+    from .balance import KEEP_OPTIONS
+
+    if cfg.balance_keep not in KEEP_OPTIONS:
+        raise ValueError(f"--balance-keep must be one of {', '.join(KEEP_OPTIONS)}, got {cfg.balance_keep!r}")
     if cfg.data.dataset != "fashion-mnist":
         raise ValueError(
             f"the demo runs on the offline default: --dataset must be fashion-mnist, got {cfg.data.dataset!r}"
@@ -115,11 +119,13 @@ class Layout:
     def embed(self) -> str:
         return os.path.join(self.root, "embed")
 
-    def balance(self, k: int) -> str:
-        return os.path.join(self.root, "balance", f"k{k}")
+    def balance(self, k: int, keep: str = "hard") -> str:
+        # SemDeDup's own rule ("hard") keeps the folder name it always had
+        return os.path.join(self.root, "balance", f"k{k}" if keep == "hard" else f"k{k}-{keep}")
 
-    def cluster(self, k: int, eps: float, n_classes: int) -> str:
-        return os.path.join(self.root, "cluster", f"k{k}-eps{eps:g}-n{n_classes}")
+    def cluster(self, k: int, eps: float, n_classes: int, keep: str = "hard") -> str:
+        tag = "" if keep == "hard" else f"-{keep}"
+        return os.path.join(self.root, "cluster", f"k{k}{tag}-eps{eps:g}-n{n_classes}")
 
     def train(self, recipe: str, seed: int) -> str:
         return os.path.join(self.root, "train", self.run_tag, f"{recipe}-seed{seed}")
@@ -241,8 +247,10 @@ def balance_stage(cfg: DemoConfig, layout: Layout) -> dict:
     from . import balance
     from ._io import atomic_json
 
-    out = layout.balance(cfg.balance_k)
+    out = layout.balance(cfg.balance_k, cfg.balance_keep)
     inputs = {"image_shards_sha256": embed_digest(layout), "k": cfg.balance_k, "eps": balance_eps_list(cfg)}
+    if cfg.balance_keep != "hard":  # the stamps of runs with SemDeDup's own rule stay as they were
+        inputs["keep"] = cfg.balance_keep
     stamp = os.path.join(out, "demo_inputs.json")
     summary = _read_json(os.path.join(out, "summary.json"))
     if summary is not None and _read_json(stamp) == inputs:
@@ -253,6 +261,7 @@ def balance_stage(cfg: DemoConfig, layout: Layout) -> dict:
         ids=os.path.join(layout.embed, "ids"),
         k=cfg.balance_k,
         eps=inputs["eps"],
+        keep=cfg.balance_keep,
         progress=cfg.progress,
     )
     atomic_json(stamp, inputs)
@@ -268,8 +277,8 @@ def cluster_stage(cfg: DemoConfig, layout: Layout) -> dict:
     from . import balance
     from ._io import atomic_json
 
-    out = layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes)
-    keep = balance.keep_mask_path(layout.balance(cfg.balance_k), cfg.balance_eps)
+    out = layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes, cfg.balance_keep)
+    keep = balance.keep_mask_path(layout.balance(cfg.balance_k, cfg.balance_keep), cfg.balance_eps)
     inputs = {"image_shards_sha256": embed_digest(layout), "keep_sha256": _sha256_file(keep),
               "n_classes": cfg.n_classes, "seed": 0}  # fmt: skip
     topk = cfg.weights.cd_topk  # cid --cd-topk k reads each row's k nearest centres (topk.npy)
@@ -292,9 +301,9 @@ def train_config(cfg: DemoConfig, layout: Layout, recipe: str, seed: int | None 
         out_dir=layout.train(recipe, seed),
         recipe=recipe,
         teacher_cache=layout.embed if TABLE[recipe].teacher else None,
-        balance_dir=layout.balance(cfg.balance_k) if cid else None,
+        balance_dir=layout.balance(cfg.balance_k, cfg.balance_keep) if cid else None,
         balance_eps=cfg.balance_eps,
-        cluster_dir=layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes) if cid else None,
+        cluster_dir=layout.cluster(cfg.balance_k, cfg.balance_eps, cfg.n_classes, cfg.balance_keep) if cid else None,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         warmup=min(TrainConfig.warmup, max(1, cfg.steps // 10)),
@@ -319,10 +328,15 @@ def _finished_run(tcfg: TrainConfig) -> dict | None:
     cfg_path = os.path.join(tcfg.out_dir, "config.yaml")
     if summary is None or not os.path.isfile(cfg_path) or summary.get("final", {}).get("step") != tcfg.steps:
         return None
-    saved = OmegaConf.to_container(OmegaConf.load(cfg_path))
-    if config_difference(
-        comparable(saved), comparable(to_dict(tcfg)), ignore=(), defaults=comparable(to_dict(TrainConfig()))
-    ):
+    saved, now, defaults = OmegaConf.to_container(OmegaConf.load(cfg_path)), to_dict(tcfg), to_dict(TrainConfig())
+    # a weight the recipe does not read does not change its run (a changed cid default leaves kd's runs reused)
+    reads = set(TABLE[tcfg.recipe].weights)
+    for c in (saved, now, defaults):
+        if isinstance(c.get("weights"), dict):
+            c["weights"] = {k: v for k, v in c["weights"].items() if k in reads}
+    # a field added to the config since the run, left at its default, does not change the run (as in train), nor
+    # do the keys that never change a run (run_folder.NEUTRAL: out_dir, progress, ...)
+    if config_difference(comparable(saved), comparable(now), ignore=(), defaults=comparable(defaults)):
         return None  # run_train will refuse it with the differences
     return summary
 

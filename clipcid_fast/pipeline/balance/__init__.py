@@ -87,7 +87,7 @@ rows) into N pseudo-classes. Output directory, in the format the cluster-discrim
 from .command import balance_command, cluster_command
 from .functions import resolve_fns
 from .kmeans import spherical_kmeans
-from .outputs import keep_mask_path, load_keep_mask
+from .outputs import find_keep_mask, keep_mask_path, load_keep_mask
 from .pseudo_classes import load_pseudo_classes, load_pseudo_topk, pseudo_class_paths, run_cluster
 from .rules import TIE_D2, group_representatives, unionfind_groups
 from .sources import EmbeddingSource, normalize_rows
@@ -101,6 +101,7 @@ __all__ = [
     "EmbeddingSource",
     "balance_command",
     "cluster_command",
+    "find_keep_mask",
     "group_representatives",
     "intra_op_threads",
     "keep_mask_path",

@@ -85,13 +85,28 @@ def keep_mask_path(out_dir: str, eps: float) -> str:
     return os.path.join(out_dir, f"keep_{_label('eps', eps)}.npy")
 
 
-def load_keep_mask(out_dir: str, eps: float, n_rows: int) -> np.ndarray:
-    """The bool ``[n_rows]`` keep mask of eps ``eps`` in the balance output ``out_dir``, checked to cover the
-    ``n_rows`` rows of the embeddings it is applied to (a ValueError naming the file otherwise)."""
-    mask_path = keep_mask_path(out_dir, eps)
-    if not os.path.isfile(mask_path):
-        have = sorted(f for f in os.listdir(out_dir) if f.startswith("keep_")) if os.path.isdir(out_dir) else []
-        raise ValueError(f"--balance-dir: no {os.path.basename(mask_path)} in {out_dir!r} (has {have})")
+def find_keep_mask(out_dir: str, threshold: float) -> str:
+    """The keep mask of ``threshold`` in the balance output ``out_dir``: SemDeDup's ``keep_eps<t>.npy`` or the
+    union-find method's ``keep_delta<t>.npy``, whichever the run wrote (a ValueError naming what the folder
+    holds when neither or both are there)."""
+    paths = (keep_mask_path(out_dir, threshold), os.path.join(out_dir, f"keep_{_label('delta', threshold)}.npy"))
+    found = [p for p in paths if os.path.isfile(p)]
+    if len(found) == 1:
+        return found[0]
+    have = sorted(f for f in os.listdir(out_dir) if f.startswith("keep_")) if os.path.isdir(out_dir) else []
+    if not found:
+        raise ValueError(
+            f"--balance-dir: no keep_eps{threshold:g}.npy or keep_delta{threshold:g}.npy in {out_dir!r} (has {have})"
+        )
+    raise ValueError(f"--balance-dir: {out_dir!r} holds both {[os.path.basename(p) for p in found]}; "
+                     "--balance-eps cannot tell which to use (one balance run per folder)")  # fmt: skip
+
+
+def load_keep_mask(out_dir: str, threshold: float, n_rows: int) -> np.ndarray:
+    """The bool ``[n_rows]`` keep mask of ``threshold`` (SemDeDup's eps or union-find's delta,
+    :func:`find_keep_mask`) in the balance output ``out_dir``, checked to cover the ``n_rows`` rows of the
+    embeddings it is applied to (a ValueError naming the file otherwise)."""
+    mask_path = find_keep_mask(out_dir, threshold)
     keep = np.load(mask_path)
     if keep.shape != (n_rows,):
         raise ValueError(f"--balance-dir: {mask_path} has {keep.shape[0]} rows, the teacher cache {n_rows}")

@@ -35,6 +35,7 @@ import torch
 from .. import preempt
 from .._io import atomic_json, atomic_npy, atomic_npz
 from ..comm import Comm, run_stage
+from ..config import BALANCE_EPS_GRID
 from .functions import resolve_fns
 from .kmeans import assign_block, spherical_kmeans
 from .outputs import finished_clusters, load_timings, merge_outputs, prepare_run_dir, run_manifest
@@ -103,7 +104,7 @@ def run_balance(
     seed: int = 0,
     max_points_per_centroid: int = 256,
     method: str = "semdedup",
-    eps: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
+    eps: Sequence[float] = BALANCE_EPS_GRID,
     delta: Sequence[float] = (0.2, 0.3, 0.4, 0.5),
     keep: str = "hard",
     batch_clusters: int = 64,
