@@ -45,8 +45,10 @@ def corpus(tmp_path_factory) -> dict:
     data = DataConfig(dataset="wds", train_data=manifest["wds"])
     cache = os.path.join(root, "cache")
     run_embed(EmbedConfig(out_dir=cache, batch_size=64, shard_rows=96, progress=False, data=data, models=mc))
-    shards = sorted(
-        os.path.join(os.path.dirname(manifest["wds"]), f) for f in os.listdir(os.path.dirname(manifest["wds"]))
+    shards = sorted(  # the tars (export-data also writes img2dataset's <shard>_stats.json beside each)
+        os.path.join(os.path.dirname(manifest["wds"]), f)
+        for f in os.listdir(os.path.dirname(manifest["wds"]))
+        if f.endswith(".tar")
     )
     return {"root": root, "pattern": manifest["wds"], "shards": shards, "models": mc, "data": data, "cache": cache}
 
