@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from _budget import ULP32, ULP_BF16, assert_within_budget
-from conftest import TARGETS_CPU, on_cuda
+from conftest import TARGETS_CPU, on_cuda, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,14 +125,14 @@ CASES = [(1, 1, 3, 1), (33, 507, 77, 8), (7, 5, 16, 5), (130, 600, 40, 3), (64, 
 @pytest.mark.parametrize("target", IMPL_TARGETS)
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_fp32(target, shape):
-    impl, device = target
+    impl, device = require(target)
     _check(*shape, torch.float32, ARCFACE, impl, device)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("m", [ARCFACE, COSFACE], ids=["arcface", "cosface"])
 def test_matches_reference_bf16_and_planted(target, m):
-    impl, device = target
+    impl, device = require(target)
     _check(33, 300, 64, 4, torch.bfloat16, m, impl, device)
     _check(40, 200, 24, 3, torch.float32, m, impl, device, planted=True)
 
