@@ -29,14 +29,13 @@ each skip exactly once across a resume.
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data._common import log
-from .data.wds_source import WebDatasetSource
+from .data.wds_source import WebDatasetSource, sample_meta
 
 CHUNK = 16  # positions per worker chunk: the unit of the round-robin (a fixed part of the order)
 KIND = "wds-stream"
@@ -142,16 +141,7 @@ class WorkerChunks(IterableDataset):
 
 
 def _sample_id(sample: dict) -> int:
-    key, url = sample["__key__"], sample["__url__"]
-    meta = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"shard {url!r}: member {key}.json is not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"shard {url!r}: member {key}.json is not a JSON object")
-    return WebDatasetSource._sample_id(meta, key, url)
+    return WebDatasetSource._sample_id(sample_meta(sample), sample["__key__"], sample["__url__"])
 
 
 def _stack(w: int, items: list, bad_before: list, bad_tail, end: int) -> dict:

@@ -207,14 +207,7 @@ class WebDatasetSource(IterableDataset):
             caption = sample["txt"].decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"shard {url!r}: member {key}.txt is not UTF-8 ({e})") from None
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"shard {url!r}: member {key}.json is not valid JSON ({e})") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"shard {url!r}: member {key}.json is not a JSON object")
+        meta = sample_meta(sample)
         sample_id = self._sample_id(meta, key, url)
         label = _int_id(meta["label"], f"shard {url!r}: member {key}.json 'label'") if "label" in meta else NO_LABEL
         image = decode_image(sample[ext], f"shard {url!r}: member {key}.{ext}")
@@ -235,6 +228,20 @@ class WebDatasetSource(IterableDataset):
                 return int(str(candidate).strip())
         raise ValueError(f"shard {url!r}: sample {key!r} has no sample id (no 'id' in {key}.json and the key is not "
                          "a number); ids key the feature caches, so every sample needs one")  # fmt: skip
+
+
+def sample_meta(sample: dict) -> dict:
+    """A raw sample's ``.json`` member as a dict ({} without one); bad JSON is one line naming shard and member."""
+    if "json" not in sample:
+        return {}
+    key, url = sample["__key__"], sample["__url__"]
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"shard {url!r}: member {key}.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"shard {url!r}: member {key}.json is not a JSON object")
+    return meta
 
 
 def stats_path(shard: str) -> str:
