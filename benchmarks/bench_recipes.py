@@ -164,7 +164,7 @@ def run_regime(cfg: DemoConfig, recipes: list[str], seeds: list[int]) -> dict:
     print(f"\n=== {cfg.out_dir}: embed", flush=True)
     demo.embed_stage(cfg, layout, teacher)
     balance = None
-    if "cid" in recipes:
+    if any(RECIPES[r].labels for r in recipes):  # cid and its composites train on balance's rows and cluster's labels
         balance = demo.balance_stage(cfg, layout)
         fractions = demo.removed_fractions(balance)
         print(f"balance (k={cfg.balance_k}): "

@@ -17,7 +17,7 @@ PROVIDERS = ("fused", "reference", "open_clip_train")
 SWITCHED = ("fused+gc", "fused+compile")
 PROVIDER_LETTER = {"fused": "a", "reference": "b", "open_clip_train": "c", "fused+gc": "a+gc",
                    "fused+compile": "a+compile"}  # fmt: skip
-RECIPES = ("distill", "baseline", "kd", "rd", "cid")  # the order of the benchmark's rows, tables and bars
+RECIPES = ("distill", "baseline", "kd", "rd", "cid", "cid+rd")  # the order of the benchmark's rows, tables and bars
 
 
 def parse_note(note: str) -> dict:

@@ -207,6 +207,37 @@ def _k1_cases(quick: bool) -> list[Case]:
     return out
 
 
+# MLCD's positives per row (``cluster --topk``; the README's example)
+_MLCD_K = 4
+
+
+def _mlcd_cases(quick: bool) -> list[Case]:
+    """MLCD's negatives-lse kernels (``mlcd_triton``): K1's grids and tiles with K positives masked per row, so the
+    same sizes and dtypes as K1 (the op's scale is a runtime argument; the margin is applied outside the kernels)."""
+    from clipcid_fast.ops import mlcd_triton as mt
+
+    sizes = [(1024, 1_000_000)] if quick else [(1024, 1_000_000), (4096, 1_000_000)]
+    dtypes = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16")]
+    D, K = 512, _MLCD_K
+    out = []
+    for (B, N), (dx, dw) in ((s, d) for s in sizes for d in dtypes):
+        label = dx if dx == dw else f"{dx}/{dw}"
+
+        def inputs(B=B, N=N, dx=dx, dw=dw):
+            return _t(B, D, dtype=DTYPES[dx]), _t(N, D, dtype=DTYPES[dw]), _t(B, K, dtype=torch.int64)
+
+        def fwd(inputs=inputs):
+            mt.neg_lse(*inputs(), _K1_SCALE)
+
+        def bwd(inputs=inputs, B=B):
+            x, w, lab = inputs()
+            mt.neg_lse_grads(_t(B), x, w, lab, _t(B), _K1_SCALE, True, True)
+
+        sz = {"B": B, "N": N, "D": D, "K": K}
+        out += [Case("K1", "mlcd", "fwd", label, sz, fwd), Case("K1", "mlcd", "bwd", label, sz, bwd)]
+    return out
+
+
 def _k2_inputs(B, D, DT, dt, soft):
     q, k, s = _t(B, D, dtype=DTYPES[dt]), _t(B, D, dtype=DTYPES[dt]), _t(())
     if not soft:
@@ -323,7 +354,7 @@ def _lse_cases(quick: bool) -> list[Case]:
 
 def cases(quick: bool = False) -> list[Case]:
     """Every launcher call of the report (``quick``: the smallest benchmark size of each family)."""
-    return _k1_cases(quick) + _k2_cases(quick) + _k3_cases(quick) + _lse_cases(quick)
+    return _k1_cases(quick) + _mlcd_cases(quick) + _k2_cases(quick) + _k3_cases(quick) + _lse_cases(quick)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -696,21 +727,21 @@ def _d_chunks(a) -> int:
     return _cdiv(a["D"], a["BLOCK_DO"] * a["N_ACC"])
 
 
-def _flops_ms_fwd(g, a):
+def _flops_ms_fwd(g, a, name="_ms_fwd_kernel"):
     splits, tiles = _class_tiles(a)
-    _expect_grid("_ms_fwd_kernel", g, (_cdiv(a["B"], a["BLOCK_B"]), splits))
+    _expect_grid(name, g, (_cdiv(a["B"], a["BLOCK_B"]), splits))
     return g[0] * tiles * _logits(a["BLOCK_B"], a["BLOCK_N"], a["BLOCK_K"], a["D"])
 
 
-def _flops_ms_bwd_dx(g, a):
+def _flops_ms_bwd_dx(g, a, name="_ms_bwd_dx_kernel"):
     splits, tiles = _class_tiles(a)
-    _expect_grid("_ms_bwd_dx_kernel", g, (_cdiv(a["B"], a["BLOCK_B"]), splits, _d_chunks(a)))
+    _expect_grid(name, g, (_cdiv(a["B"], a["BLOCK_B"]), splits, _d_chunks(a)))
     bb, bn = a["BLOCK_B"], a["BLOCK_N"]
     return g[0] * g[2] * tiles * (_logits(bb, bn, a["BLOCK_K"], a["D"]) + _grad_tile(bb, bn, a))
 
 
-def _flops_ms_bwd_dw(g, a):
-    _expect_grid("_ms_bwd_dw_kernel", g, (_cdiv(a["N"], a["BLOCK_N"]), _d_chunks(a)))
+def _flops_ms_bwd_dw(g, a, name="_ms_bwd_dw_kernel"):
+    _expect_grid(name, g, (_cdiv(a["N"], a["BLOCK_N"]), _d_chunks(a)))
     bb, bn = a["BLOCK_B"], a["BLOCK_N"]
     return g[0] * g[1] * _cdiv(a["B"], bb) * (_logits(bb, bn, a["BLOCK_K"], a["D"]) + _grad_tile(bb, bn, a))
 
@@ -765,6 +796,10 @@ FLOP_MODELS: dict[str, Callable[[tuple, dict], int]] = {
     "_ms_fwd_kernel": _flops_ms_fwd,
     "_ms_bwd_dx_kernel": _flops_ms_bwd_dx,
     "_ms_bwd_dw_kernel": _flops_ms_bwd_dw,
+    # MLCD's kernels loop exactly as K1's (the positives are a mask on the same tiles)
+    "_mlcd_fwd_kernel": lambda g, a: _flops_ms_fwd(g, a, "_mlcd_fwd_kernel"),
+    "_mlcd_bwd_dx_kernel": lambda g, a: _flops_ms_bwd_dx(g, a, "_mlcd_bwd_dx_kernel"),
+    "_mlcd_bwd_dw_kernel": lambda g, a: _flops_ms_bwd_dw(g, a, "_mlcd_bwd_dw_kernel"),
     "_rel_fwd_kernel": _flops_rel_fwd,
     "_rel_bwd_kernel": _flops_rel_bwd,
     "_max_sim_kernel": _flops_max_sim,
@@ -786,7 +821,7 @@ def kernel_flops(kernel: str, grid: tuple, args: Mapping) -> int:
 def necessary_flops(case: Case) -> int:
     """Dot FLOPs an eager implementation of the case's op call must execute (see the module docstring)."""
     s = case.sizes
-    if case.op == "margin_softmax":
+    if case.op in ("margin_softmax", "mlcd"):
         return 2 * s["B"] * s["N"] * s["D"] * (1 if case.mode == "fwd" else 3)
     if case.op in ("relational_rows", "relational_distill"):
         R = C = s["B"]
@@ -886,6 +921,7 @@ def _row(r: Recorded, c: Mapping, flops, op_flops, needed, model_err) -> dict:
 # the benchmark sizes the program-count rule applies to (issue 18: two programs per SM of an H100)
 _PROGRAM_RULES = (
     ("K1", "margin_softmax", "fwd", {"B": 1024, "N": 1_000_000}),
+    ("K1", "mlcd", "fwd", {"B": 1024, "N": 1_000_000}),
     ("K2", None, None, {"B": 16384}),
 )
 

@@ -9,7 +9,7 @@ The pipeline a user runs, one stage a command (each reads the previous stage's f
           embeddings in .npy files, resumable, under torchrun too (see clipcid_fast/pipeline/balance/).
 ``cluster``  k-means of the kept embeddings into N pseudo-classes (centroids, labels, top-k centres)
           for the cluster-discrimination loss (format in clipcid_fast/pipeline/balance/).
-``train``  distil the teacher into the student (recipes cid, rd, kd, distill, baseline), exact resume.
+``train``  distil the teacher into the student (recipes cid, rd, kd, distill, cid+rd, baseline), exact resume.
 ``eval``  zero-shot, retrieval and linear probe of a teacher, a student or a checkpoint.
 ``export``  a teacher, a student or a checkpoint as an open_clip ``local-dir:`` folder (plain open_clip loads it).
 ``demo``  all of the above on the offline default (every recipe), then a report (``--quick``: CI sizes).

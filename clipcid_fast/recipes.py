@@ -12,10 +12,13 @@ cid        CLIP-CID: task + λ_cd · ``ClusterDiscriminationLoss`` (student imag
            ``centre_lr_mult`` > 0 learns them) + λ_id · ``InstanceDiscriminationLoss`` (student image ↔
            teacher text; ``id_student_text``: student text ↔ teacher image too); ``cd_topk = k > 0``: the
            cluster term is MLCD's multi-label loss on each row's k nearest centres instead
+cid+rd     a composite: rd's terms + cid's cluster and instance terms (every weight of both; the cluster and
+           instance terms read the projected image features, as in cid)
 =========  ==========================================================================================
 
 Every trainer builds its loss here: ``clipcid-fast train`` (``pipeline/train.py``), the open_clip_train
-plug-in (``open_clip_train.py``) and the benchmarks. Adding a recipe is one entry of ``RECIPES``.
+plug-in (``open_clip_train.py``) and the benchmarks. Adding a recipe is one entry of ``RECIPES``; a composite
+is an entry whose main loss is another recipe's and whose ``labels=True`` adds cid's two terms to it.
 
 Student features enter un-normalised (every module normalises them, with gradients through the
 normalisation, as CLIP-KD's loss does; ``normalized_students=True`` when the model already normalises them,
@@ -124,6 +127,12 @@ RECIPES: dict[str, RecipeSpec] = {
     "rd": RecipeSpec("CLIP-RD", ("crd_weight", "icl_weight", "fd_weight", "vrd_weight", "xrd_weight"), _rd),
     "kd": RecipeSpec("CLIP-KD", ("crd_weight", "icl_weight", "fd_weight"), _kd),
     "distill": RecipeSpec("FusedDistillClipLoss (open_clip's DistillClipLoss)", ("distill_weight",), _distill),
+    # composites: the main loss of one recipe with cid's cluster and instance terms added (labels=True adds them)
+    "cid+rd": RecipeSpec("CLIP-RD + CLIP-CID's cluster and instance terms",
+                         ("crd_weight", "icl_weight", "fd_weight", "vrd_weight", "xrd_weight", "cd_weight",
+                          "id_weight", "id_scale_init", "id_student_text", "cd_margin", "cd_scale", "centre_lr_mult",
+                          "cd_topk"),
+                         _rd, labels=True),
     "baseline": RecipeSpec("the student's CLIP loss alone", (), _task_only, teacher=False, project=(), on_student=True),
 }  # fmt: skip
 
@@ -209,29 +218,26 @@ class Recipe(nn.Module):
     ) -> dict[str, Tensor]:
         """Weighted loss terms ``{"<name>_loss": scalar}``; the step's loss is their sum."""
         s_img = self.proj_image(image_features) if self.proj_image is not None else image_features
+        s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
         if self.spec.on_student:
             # the module's teacher slots are unused without CRD/ICL/FD: the student's own features stand in
             out = self.loss(image_features, text_features, logit_scale, image_features.detach(),
                             text_features.detach(), logit_scale.detach(), output_dict=True)  # fmt: skip
-            if self.cluster is not None:
-                out.update(self.cluster(scale_grad(s_img, self._cluster_grad_factor), labels, output_dict=True))
-                s_txt = None
-                if self.instance.use_student_text:
-                    s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
-                out.update(self.instance(s_img, s_txt, None, dist_image_features, dist_text_features,
-                                         output_dict=True))  # fmt: skip
-            return out
-        s_txt = self.proj_text(text_features) if self.proj_text is not None else text_features
-        if isinstance(self.loss, FusedDistillClipLoss):
-            if not self.normalized_students:
-                # open_clip's DistillClipLoss takes normalised student features (its models normalise them)
-                s_img, s_txt = nn.functional.normalize(s_img, dim=-1), nn.functional.normalize(s_txt, dim=-1)
-            out = self.loss(s_img, s_txt, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+        elif isinstance(self.loss, FusedDistillClipLoss):
+            # open_clip's DistillClipLoss takes normalised student features (its models normalise them)
+            n_img, n_txt = (s_img, s_txt) if self.normalized_students else (
+                nn.functional.normalize(s_img, dim=-1), nn.functional.normalize(s_txt, dim=-1))  # fmt: skip
+            out = self.loss(n_img, n_txt, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
                             output_dict=True)  # fmt: skip
             out["distill_loss"] = self.distill_weight * out["distill_loss"]
-            return out
-        return self.loss(s_img, s_txt, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
-                         output_dict=True)  # fmt: skip
+        else:
+            out = self.loss(s_img, s_txt, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+                            output_dict=True)  # fmt: skip
+        if self.cluster is not None:  # CLIP-CID's terms, on top of whichever main loss the recipe has
+            out.update(self.cluster(scale_grad(s_img, self._cluster_grad_factor), labels, output_dict=True))
+            out.update(self.instance(s_img, s_txt if self.instance.use_student_text else None, None,
+                                     dist_image_features, dist_text_features, output_dict=True))  # fmt: skip
+        return out
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         """Parameters each rank holds a different block of (the class centres): not averaged over ranks."""

@@ -46,6 +46,7 @@ from clipcid_fast.pipeline.config import (
 )
 from clipcid_fast.pipeline.data import build_dataset
 from clipcid_fast.pipeline.embed import run_embed
+from clipcid_fast.recipes import RECIPES as TABLE
 from clipcid_fast.recipes import Recipe
 
 N_SAMPLES = 200  # student corpus images
@@ -129,7 +130,7 @@ def make_cfg(assets: Assets, out_dir, recipe: str, **kw) -> TrainConfig:
                 ckpt_every=2, progress=False, data=data_cfg(), models=assets.models())  # fmt: skip
     if recipe != "baseline":
         base["teacher_cache"] = assets.cache
-    if recipe == "cid":
+    if recipe in TABLE and TABLE[recipe].labels:  # an unknown name reaches the trainer, which refuses it
         base.update(cluster_dir=assets.cluster, balance_dir=assets.balance, balance_eps=BALANCE_EPS)
     base.update(kw)
     return TrainConfig(**base)
@@ -171,7 +172,7 @@ def student_dataset(cfg: TrainConfig):
 
 def training_rows(cfg: TrainConfig, ds) -> tuple[np.ndarray, np.ndarray | None]:
     """(dataset indices the run trains on, pseudo-label per cache row or None), from the files' documented meaning."""
-    if cfg.recipe != "cid":
+    if not TABLE[cfg.recipe].labels:
         return np.arange(len(ds)), None
     cache = read_cache(cfg.teacher_cache)
     labels = np.load(os.path.join(cfg.cluster_dir, "labels.npy"))
@@ -268,12 +269,10 @@ def reference_terms(name: str, w: RecipeWeights, img, txt, tau, t_img, t_txt, ta
         return {"task_loss": R.clip_loss(n(img), n(txt), tau)}
     s_img = img @ p["proj_image.weight"].T if "proj_image.weight" in p else img
     if name == "cid":  # task on the student's own features; cluster / instance terms in the teacher's space
-        cluster = R.cluster_discrimination_loss(s_img, p["cluster.centres"], labels, w.cd_scale, 1.0, w.cd_margin, 0.0)
-        return {
-            "task_loss": R.clip_loss(n(img), n(txt), tau),
-            "cluster_loss": w.cd_weight * cluster.mean(),
-            "instance_loss": w.id_weight * R.instance_discrimination_loss(n(s_img), t_txt, p["instance.scale"]),
-        }
+        return {"task_loss": R.clip_loss(n(img), n(txt), tau), **cid_terms(w, s_img, t_txt, p, labels)}
+    if name == "cid+rd":  # rd's terms, then cid's two on the same projected image features
+        return {**reference_terms("rd", w, img, txt, tau, t_img, t_txt, tau_t, p, labels),
+                **cid_terms(w, s_img, t_txt, p, labels)}  # fmt: skip
     s_txt = txt @ p["proj_text.weight"].T if "proj_text.weight" in p else txt
     s_i, s_t = n(s_img), n(s_txt)
     if name == "distill":
@@ -291,6 +290,16 @@ def reference_terms(name: str, w: RecipeWeights, img, txt, tau, t_img, t_txt, ta
         out["vrd_loss"] = w.vrd_weight * (kl + ce_i + ce_t)
         out["xrd_loss"] = w.xrd_weight * R.xrd_loss(s_i, s_t, t_img, t_txt, k_c)
     return out
+
+
+def cid_terms(w: RecipeWeights, s_img, t_txt, p: dict, labels) -> dict:
+    """CLIP-CID's cluster and instance terms on the (projected) student image features ``s_img``."""
+    cluster = R.cluster_discrimination_loss(s_img, p["cluster.centres"], labels, w.cd_scale, 1.0, w.cd_margin, 0.0)
+    return {
+        "cluster_loss": w.cd_weight * cluster.mean(),
+        "instance_loss": w.id_weight * R.instance_discrimination_loss(F.normalize(s_img, dim=-1), t_txt,
+                                                                      p["instance.scale"]),
+    }  # fmt: skip
 
 
 def spec_groups(cfg: TrainConfig, model: torch.nn.Module, recipe_state: dict) -> list[tuple[list[str], float, float]]:
@@ -370,7 +379,7 @@ def mean_loss(cfg: TrainConfig, assets: Assets, model_state: dict, recipe_state:
     model, s_dim = fresh_student(cfg)
     model.load_state_dict(model_state)
     model.train()
-    centroids = os.path.join(cfg.cluster_dir, "centroids.npy") if cfg.recipe == "cid" else None
+    centroids = os.path.join(cfg.cluster_dir, "centroids.npy") if TABLE[cfg.recipe].labels else None
     recipe = Recipe(cfg.recipe, cfg.weights, s_dim, s_dim if cfg.recipe == "baseline" else TEACHER_DIM,
                     centroids=centroids)  # fmt: skip
     recipe.load_state_dict(recipe_state)
@@ -439,7 +448,7 @@ def test_first_step_equals_the_reference_step(trained, assets):
         tau_t = teacher_scale(assets)
         assert float(got_tau_t) == pytest.approx(tau_t, rel=1e-6)
         t_img, t_txt = batch["t_img"].double(), batch["t_txt"].double()
-    if recipe == "cid":
+    if TABLE[recipe].labels:
         assert torch.equal(got_labels, batch["labels"])
     else:
         assert got_labels is None
@@ -749,7 +758,7 @@ def finished_run(assets, tmp_path_factory) -> TrainConfig:
 
 def test_wrong_recipe_name(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run", "clip-kd", teacher_cache=assets.cache)
-    msg = r"--recipe must be one of cid, rd, kd, distill, baseline; got 'clip-kd'"
+    msg = r"--recipe must be one of cid, rd, kd, distill, cid\+rd, baseline; got 'clip-kd'"
     raises_one_line(ValueError, msg, train.run_train, cfg)
     assert not os.path.exists(cfg.out_dir)
     raises_one_line(ValueError, "recipe must be one of", Recipe, "clip-kd", RecipeWeights(), 384, 384)

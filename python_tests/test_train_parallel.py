@@ -30,6 +30,7 @@ from clipcid_fast.pipeline import checkpoint, models, train
 from clipcid_fast.pipeline.balance import run_balance, run_cluster
 from clipcid_fast.pipeline.config import RECIPES, DataConfig, EmbedConfig, ModelConfig, TrainConfig, to_yaml
 from clipcid_fast.pipeline.embed import run_embed
+from clipcid_fast.recipes import RECIPES as TABLE
 
 pytestmark = pytest.mark.distributed
 
@@ -81,7 +82,7 @@ def make_cfg(assets: Assets, out_dir, recipe: str, **kw) -> TrainConfig:
                 models=assets.models)  # fmt: skip
     if recipe != "baseline":
         base["teacher_cache"] = assets.cache
-    if recipe == "cid":
+    if TABLE[recipe].labels:
         base.update(cluster_dir=assets.cluster, balance_dir=assets.balance, balance_eps=0.01)
     base.update(kw)
     return TrainConfig(**base)
@@ -152,7 +153,7 @@ def test_two_processes_equal_one(recipe, assets, plain, tmp_path):
     torchrun(cfg)
     got = outcome(cfg)
     assert_same_run(got, plain[recipe], f"{recipe} torchrun x2")
-    if recipe == "cid":  # the checkpoint holds every centre, in the one-process layout
+    if TABLE[recipe].labels:  # the checkpoint holds every centre, in the one-process layout
         assert got["recipe"]["cluster.centres"].shape[0] == N_CLASSES
 
 
@@ -260,7 +261,7 @@ def test_a_step_reads_nothing_back(recipe, accum, assets, tmp_path):
         values = p.step(batch)
     assert _device_read_backs(p, batch, watch.seen) == []
     assert {"loss" not in values, "grad_norm" in values} == {True}  # terms, the norm, the scale: device tensors
-    if recipe == "cid":  # the watch catches a per-step value scan: the cluster loss's debug checks
+    if TABLE[recipe].labels:  # the watch catches a per-step value scan: the cluster loss's debug checks
         p.recipe.cluster.check_values = True
         batch = p.batch(2)
         with _ReadBacks() as watch:

@@ -49,23 +49,16 @@ def quick_recorded():
     return {arch: aot.record_configs(arch, quick=True) for arch in ARCHS}
 
 
-# MLCD's kernels (issue 21, item 4) came without report cases and FLOP models: their AOT compile was checked once by
-# hand (0 spills, tensor cores in bf16; see docs/mlcd.md). Listed here so that any other kernel left out still fails,
-# and so that adding their cases fails until this list is emptied.
-NOT_IN_REPORT_YET = {f"clipcid_fast.ops.mlcd_triton.{k}" for k in ("_mlcd_fwd_kernel", "_mlcd_bwd_dx_kernel",
-                                                                 "_mlcd_bwd_dw_kernel")}  # fmt: skip
-
-
 def test_recorder_sees_every_kernel(quick_recorded):
     kernels = _launched_kernels()
     modules = {k.rsplit(".", 1)[0].rsplit(".", 1)[1] for k in kernels}
-    assert {"margin_triton", "relational_triton", "masked_max_sim", "row_logsumexp"} <= modules, sorted(kernels)
-    assert NOT_IN_REPORT_YET <= set(kernels), sorted(NOT_IN_REPORT_YET - set(kernels))
+    assert {"margin_triton", "mlcd_triton", "relational_triton", "masked_max_sim", "row_logsumexp"} <= modules, sorted(
+        kernels
+    )
     for arch, recs in quick_recorded.items():
         seen = {f"{r.config.module}.{r.config.kernel}" for r in recs}
-        missing = sorted(set(kernels) - seen - NOT_IN_REPORT_YET)
+        missing = sorted(set(kernels) - seen)
         assert not missing, f"sm_{arch}: kernels no report case launches (add a case to triton_aot.cases): {missing}"
-        assert not NOT_IN_REPORT_YET & seen, "MLCD has report cases now: empty NOT_IN_REPORT_YET"
 
 
 def test_every_launch_has_a_flop_model(quick_recorded):
