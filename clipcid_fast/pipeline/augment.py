@@ -146,6 +146,7 @@ def view_params(spec: AugmentSpec, seed: int, sample_id: int, view: int, hw: tup
         cw, ch = round(h * spec.ratio[1]), h
     else:
         cw, ch = w, h
+    cw, ch = min(max(cw, 1), w), min(max(ch, 1), h)  # a tiny image: at least one pixel, never past its edge
     return ViewParams((h - ch) // 2, (w - cw) // 2, ch, cw, flip)
 
 
