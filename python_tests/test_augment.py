@@ -8,7 +8,6 @@ the Fashion-MNIST student corpus in shards of 32 rows and batches of 16 (a shard
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import numpy as np
@@ -76,8 +75,9 @@ def test_any_other_key_is_refused(key, value):
 
 def test_flag_combinations():
     assert augment.views_of("", 1, 0) is None
-    for args, match in [(("", 4, 0), "--views 4 needs --augment"), ((SPEC, 1, 0), "needs --views >= 2"),
-                        ((SPEC, 0, 0), "--views must be an int >= 1"), ((SPEC, 2, -1), "--augment-seed must be")]:  # fmt: skip
+    bad = [(("", 4, 0), "--views 4 needs --augment"), ((SPEC, 1, 0), "needs --views >= 2"),
+           ((SPEC, 0, 0), "--views must be an int >= 1"), ((SPEC, 2, -1), "--augment-seed must be")]  # fmt: skip
+    for args, match in bad:
         with pytest.raises(ValueError, match=match):
             augment.views_of(*args)
 
@@ -86,16 +86,12 @@ def test_flag_combinations():
 # view_params: pure, in range
 
 
-specs = st.builds(
-    lambda s0, s1, r0, r1, p: augment.AugmentSpec(
-        scale=(min(s0, s1), max(s0, s1)), ratio=(min(r0, r1), max(r0, r1)), hflip=p
-    ),  # fmt: skip
-    st.floats(0.05, 1.0),
-    st.floats(0.05, 1.0),
-    st.floats(0.2, 5.0),
-    st.floats(0.2, 5.0),
-    st.floats(0.0, 1.0),
-)
+def _spec(s0, s1, r0, r1, p) -> augment.AugmentSpec:
+    return augment.AugmentSpec(scale=(min(s0, s1), max(s0, s1)), ratio=(min(r0, r1), max(r0, r1)), hflip=p)
+
+
+specs = st.builds(_spec, st.floats(0.05, 1.0), st.floats(0.05, 1.0), st.floats(0.2, 5.0), st.floats(0.2, 5.0),
+                  st.floats(0.0, 1.0))  # fmt: skip
 ids = st.integers(0, 2**40)
 
 
@@ -183,7 +179,12 @@ def views_run(root, models_cfg):
 
 
 def files(d: str, subs) -> dict[str, bytes]:
-    return {f"{s}/{n}": open(os.path.join(d, s, n), "rb").read() for s in subs for n in sorted(os.listdir(os.path.join(d, s)))}  # fmt: skip
+    out = {}
+    for sub in subs:
+        for name in sorted(os.listdir(os.path.join(d, sub))):
+            with open(os.path.join(d, sub, name), "rb") as f:
+                out[f"{sub}/{name}"] = f.read()
+    return out
 
 
 def test_views_leave_every_store_of_a_plain_run_byte_identical(plain_run, views_run):
@@ -202,7 +203,7 @@ def test_every_cached_view_is_the_teacher_on_the_replayed_crop_bit_for_bit(views
     """The exactness test: for every view of every row, the teacher run now on the crop replayed from (seed, id,
     view) alone, in the rows' embed batches (shard-aligned batches of 16: CPU float sums depend on the batch
     shape, not on anything else), gives the cached float16 bits. View 0 is the plain image's feature."""
-    meta, out = views_run
+    _, out = views_run
     teacher = load_model(models_cfg, "teacher", progress=False)
     ds = build_dataset(DataConfig(student_samples=SAMPLES), teacher.preprocess, teacher.tokenizer)
     views = augment.views_of(SPEC, K, 3)

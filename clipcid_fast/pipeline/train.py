@@ -16,7 +16,9 @@
 5. checkpoints (``checkpoint.py``) every ``--ckpt-every`` steps and at the end; ``--resume`` continues
    bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position: the step on
    the map-style sources, the stream's position with ``--dataset wds``, ``stream.py``);
-6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
+6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint;
+7. ``--augment SPEC --views K``: each sample of each epoch trains on one of K augmented views, the teacher's
+   features of that view read from a cache embedded with the same setting (``augment.py``, ``batches.py``).
 
 Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt`` (+ ``.sha256``), ``student.pt``
 (weights + model config: ``clipcid-fast eval --model out_dir/student.pt``), ``summary.json``.
