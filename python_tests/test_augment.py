@@ -151,6 +151,15 @@ def test_apply_view_is_resized_crop_then_flip():
 # embed --augment
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _embed_on_cpu():
+    """The exactness test replays views through the CPU fp32 teacher; on a CUDA machine (scripts/gpu_check.sh runs
+    every test) embed would pick the GPU and bf16, so it is shown no GPU here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("augment")
