@@ -30,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as _dt
+import hashlib
 import math
 import os
 import shutil
@@ -41,7 +42,7 @@ from benchmarks._harness import device_name, git_sha
 from benchmarks.bench_recipes import add_size_args, regime_config
 from benchmarks.paired_stats import paired, summarize, t_value
 from clipcid_fast.pipeline import demo, embed, train
-from clipcid_fast.pipeline.augment import views_of
+from clipcid_fast.pipeline.augment import parse_spec, views_of
 from clipcid_fast.pipeline.config import EmbedConfig
 from clipcid_fast.pipeline.demo_report import METRICS, headline
 
@@ -77,15 +78,25 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def views_tag(args) -> str:
+    """The folder suffix of a view setting: ``views<K>`` for the default SPEC and seed 0, else with a digest of
+    the setting (another SPEC never resumes, or is refused in, the folders of the first)."""
+    spec = parse_spec(args.augment).canonical()
+    if spec == parse_spec(SPEC).canonical() and args.augment_seed == 0:
+        return f"views{args.views}"
+    digest = hashlib.sha256(f"{spec}|{args.augment_seed}".encode()).hexdigest()[:8]
+    return f"views{args.views}-{digest}"
+
+
 def views_cache(cfg, args, teacher: demo.Teacher) -> tuple[str, dict]:
-    out = os.path.join(cfg.out_dir, f"embed-views{args.views}")
+    out = os.path.join(cfg.out_dir, f"embed-{views_tag(args)}")
     ecfg = EmbedConfig(out_dir=out, progress=cfg.progress, data=cfg.data, models=cfg.models, views=args.views,
                        augment=args.augment, augment_seed=args.augment_seed)  # fmt: skip
     return out, embed.run_embed(ecfg, loaded=teacher.get())
 
 
 def aug_config(tcfg, args, views_dir: str):
-    return dataclasses.replace(tcfg, out_dir=f"{tcfg.out_dir}-views{args.views}", views=args.views,
+    return dataclasses.replace(tcfg, out_dir=f"{tcfg.out_dir}-{views_tag(args)}", views=args.views,
                                augment=args.augment, augment_seed=args.augment_seed,
                                teacher_cache=views_dir if tcfg.teacher_cache else None)  # fmt: skip
 
@@ -123,7 +134,7 @@ def main(argv=None) -> int:
     teacher_res = headline(demo.teacher_eval_stage(cfg, layout, teacher))
 
     labels = [(r, False) for r in recipes] + [(r, True) for r in recipes]
-    name = lambda r, aug: f"{r}+views{args.views}" if aug else r  # noqa: E731
+    name = lambda r, aug: f"{r}+{views_tag(args)}" if aug else r  # noqa: E731
     runs: dict = {}
     for seed in args.seeds:  # the outer loop: a stopped study has every variant on the same seeds
         for recipe, aug in labels:
