@@ -11,12 +11,19 @@ sample id, from the teacher's embedding cache and the pseudo-class labels. The d
 each image is kept after its first use (the eval transform has no randomness), which saves its cost on
 every later epoch, up to ``cache_bytes`` (default 2 GB) of preprocessed images: past that, images are
 preprocessed on every use (at 224 px an image is 0.6 MB, so an unbounded cache grew with every image seen).
+
+With ``--augment`` (``views``), sample id of epoch e trains on view ``augment.train_view(seed, e, id, K)``: its
+image is that view's crop and flip before the preprocess (view 0, the kept un-augmented one, is the item's image),
+and its teacher image features are row ``[cache row, view]`` of the cache's ``image_views``. Both are functions of
+(seed, epoch, id) alone, so resume, ranks and micro-batches see the views an uninterrupted one-process run sees.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .augment import Views, train_view
 
 
 class SampleStream:
@@ -48,6 +55,12 @@ class SampleStream:
         local = self.batch_size // self.world_size
         return self.global_rows(step)[self.rank * local : (self.rank + 1) * local]
 
+    def epochs(self, step: int) -> np.ndarray:
+        """The epoch of each of ``rows(step)`` (a batch that runs across an epoch end holds two)."""
+        local = self.batch_size // self.world_size
+        start = step * self.batch_size + self.rank * local
+        return np.arange(start, start + local) // self.n
+
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.n
 
@@ -57,12 +70,13 @@ class BatchBuilder:
 
     def __init__(
         self, dataset, train_index: np.ndarray, teacher: dict | None, labels: np.ndarray | None,
-        cache_bytes: int = 2 * 10**9,
+        cache_bytes: int = 2 * 10**9, views: Views | None = None, seed: int = 0,
     ) -> None:  # fmt: skip
         self.ds = dataset
         self.cache_bytes, self._cached_bytes = cache_bytes, 0
         self.train_index = train_index  # training row -> dataset index
-        self.teacher = teacher  # {"image": [n, D], "text": [n, D], "row_of": id -> cache row} or None
+        self.teacher = teacher  # {"image": [n, D], "text": [n, D], "row_of": id -> cache row} (+ "views") or None
+        self.views, self.seed = views, seed  # --augment: the views and the run's seed (which view, each epoch)
         self.labels = labels  # cache row -> pseudo-class (cid), or None
         self._items: dict[int, dict] = {}
         self.ids = np.asarray(dataset.ids, dtype=np.int64)
@@ -77,17 +91,33 @@ class BatchBuilder:
                 self._cached_bytes += size
         return item
 
-    def __call__(self, rows: np.ndarray) -> dict:
+    def __call__(self, rows: np.ndarray, epochs: np.ndarray | None = None) -> dict:
+        """The batch of training rows ``rows``; ``epochs``: each row's epoch (needed with views)."""
         idx = self.train_index[rows]
+        ids = self.ids[idx]
+        view = np.zeros(len(idx), dtype=np.int64)
+        if self.views is not None:
+            if epochs is None or len(epochs) != len(idx):
+                raise ValueError("BatchBuilder with views: give each row's epoch")
+            view[:] = [train_view(self.seed, int(e), int(i), self.views.count) for e, i in zip(epochs, ids)]
         images, texts = [], []
-        for i in idx:
+        for i, sample_id, v in zip(idx, ids, view):
             item = self._item(int(i))
-            images.append(item["image"])
+            if v:  # an augmented view: cropped from the source image, not kept (K of them would fill the memory)
+                images.append(self.views.image(self.ds.raw_image(int(i)), self.ds.preprocess, int(sample_id), int(v)))
+            else:
+                images.append(item["image"])
             texts.append(item["text"])
-        out = {"image": torch.stack(images), "text": torch.stack(texts), "id": torch.from_numpy(self.ids[idx])}
+        out = {"image": torch.stack(images), "text": torch.stack(texts), "id": torch.from_numpy(ids)}
+        if self.views is not None:
+            out["view"] = torch.from_numpy(view)
         if self.teacher is not None:
-            cache_rows = self.teacher["row_of"](self.ids[idx])
-            out["dist_image"] = torch.from_numpy(np.asarray(self.teacher["image"][cache_rows], dtype=np.float32))
+            cache_rows = self.teacher["row_of"](ids)
+            if "views" in self.teacher:  # (an online teacher's cache, read for cid's labels, has none: unused)
+                picked = self.teacher["views"][cache_rows][np.arange(len(idx)), view]
+            else:
+                picked = self.teacher["image"][cache_rows]
+            out["dist_image"] = torch.from_numpy(np.asarray(picked, dtype=np.float32))
             out["dist_text"] = torch.from_numpy(np.asarray(self.teacher["text"][cache_rows], dtype=np.float32))
             if self.labels is not None:
                 out["cluster_label"] = torch.from_numpy(np.asarray(self.labels[cache_rows], dtype=np.int64))

@@ -118,6 +118,11 @@ class ModelConfig:
     teacher_seed: int = dataclasses.field(default=0, metadata=_help("default teacher: training seed"))
 
 
+VIEWS_HELP = "views per image with --augment (view 0 un-augmented); 1 = no views"
+AUGMENT_HELP = "augmented views, e.g. scale=0.5:1,ratio=0.75:1.333,hflip=0.5 (keys scale, ratio, hflip; '' = off)"
+AUGMENT_SEED_HELP = "seed of the views' crops and flips (with --augment)"
+
+
 @dataclasses.dataclass
 class EmbedConfig:
     out_dir: str = dataclasses.field(default="runs/embed", metadata=_help("output directory (rerun to resume)"))
@@ -128,6 +133,9 @@ class EmbedConfig:
     precision: str = dataclasses.field(
         default="auto", metadata=_help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     )
+    views: int = dataclasses.field(default=1, metadata=_help(VIEWS_HELP))
+    augment: str = dataclasses.field(default="", metadata=_help(AUGMENT_HELP))
+    augment_seed: int = dataclasses.field(default=0, metadata=_help(AUGMENT_SEED_HELP))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
@@ -397,6 +405,11 @@ class TrainConfig:
         default=True, metadata=_help("encode each distinct caption of a batch once (exact; a no-op on unique captions)")
     )
     progress: bool = dataclasses.field(default=True, metadata=_help("progress bar"))
+    views: int = dataclasses.field(default=1, metadata=_help(VIEWS_HELP + "; with a teacher cache, the cache's"))
+    augment: str = dataclasses.field(
+        default="", metadata=_help("train on augmented views (each sample and epoch: one of --views); " + AUGMENT_HELP)
+    )
+    augment_seed: int = dataclasses.field(default=0, metadata=_help(AUGMENT_SEED_HELP))
     weights: RecipeWeights = dataclasses.field(default_factory=RecipeWeights)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     models: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -6,11 +6,18 @@ Output directory ``out_dir``::
     text/00000.npy    float16 [rows, D]  L2-normalised caption features (row i: the caption of image row i)
     ids/00000.npy     int64 [rows]       sample ids
     labels/00000.npy  int64 [rows]       class labels (-1 where the source has none)
+    image_views/00000.npy  float16 [rows, K, D]  with ``--augment SPEC --views K`` only: view v's image features
+                      (``augment.py``; view 0 is the un-augmented image, equal to ``image/``)
     id_index/         ids.npy (ascending) + rows.npy: the id -> row index readers memory-map (id_index.py)
     manifest.json     written first: model (name, fingerprint, model_cfg), dataset identity, shard_rows
     embed.json        written last: model (+ logit_scale, exp'd), dataset (the DataConfig + corpus summary),
                       count, dim, dtype, shard_rows, shards, normalized, seconds, images_per_second
     config.yaml       the resolved EmbedConfig
+
+With ``--augment``, the manifest and embed.json also hold ``views`` (the canonical spec, K and the augmentation
+seed; a rerun with another one is refused). ``image/`` is then computed exactly as without it (same batches), so
+balance and cluster, which read ``image/``, see the features a K = 1 run writes; views 1..K-1 are encoded in
+batches of the same rows, one view at a time.
 
 Rows are the dataset's natural order (no shuffle); shard k holds rows ``[k·shard_rows, (k+1)·shard_rows)``, so
 ``clipcid-fast balance --embeddings out_dir/image --ids out_dir/ids`` reads them in row order (file-name order).
@@ -48,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import preempt
 from ._io import atomic_json, atomic_npy, clean_tmp
+from .augment import ViewsDataset, views_of
 from .comm import Comm, local_rank, run_stage
 from .config import EmbedConfig, to_dict, write_config
 from .data import build_dataset, collate
@@ -61,6 +69,7 @@ if TYPE_CHECKING:
     from .models import LoadedModel
 
 SHARD_DIRS = ("image", "text", "ids", "labels")
+VIEWS_DIR = "image_views"  # only in a directory embedded with --augment
 # Five-digit names sort in row order; balance concatenates a directory's shards in file-name order.
 MAX_SHARDS = 100_000
 _SHARD_FILE = re.compile(r"^(\d{5})\.npy$")
@@ -75,10 +84,16 @@ def shard_name(k: int) -> str:
 # shards on disk
 
 
-def _shard_rows_on_disk(out_dir: str, k: int) -> int | None:
-    """Rows of shard k if its four files are all there and agree, else None (a killed run's half-written shard)."""
+def shard_dirs(meta: dict) -> tuple[str, ...]:
+    """The per-shard folders of a run whose manifest is ``meta``: ``image_views`` too when it has views."""
+    return (*SHARD_DIRS, VIEWS_DIR) if "views" in meta else SHARD_DIRS
+
+
+def _shard_rows_on_disk(out_dir: str, k: int, dirs: tuple[str, ...] = SHARD_DIRS) -> int | None:
+    """Rows of shard k if its files (one per folder of ``dirs``) are all there and agree, else None (a killed run's
+    half-written shard)."""
     rows = set()
-    for sub in SHARD_DIRS:
+    for sub in dirs:
         path = os.path.join(out_dir, sub, shard_name(k))
         if not os.path.isfile(path):
             return None
@@ -104,10 +119,13 @@ class _ShardBuffer:
         self.captions: list[str] = []
         self.ids: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.views: list[np.ndarray] = []
         self.rows = 0
 
-    def add(self, batch: dict, image_rows: torch.Tensor) -> None:
+    def add(self, batch: dict, image_rows: torch.Tensor, view_rows: torch.Tensor | None = None) -> None:
         self.image.append(image_rows.to(torch.float16).numpy())
+        if view_rows is not None:
+            self.views.append(view_rows.to(torch.float16).numpy())
         self.tokens.append(batch["text"])
         self.captions += batch["caption"]
         self.ids.append(batch["id"].numpy())
@@ -120,6 +138,8 @@ class _ShardBuffer:
         text = text_features(model, tokens, batch_size).to(torch.float16).numpy()[inverse]
         name = shard_name(self.k)
         # Image and text before ids / labels: a reader (and resume) counts a shard only once all four exist.
+        if self.views:
+            atomic_npy(os.path.join(out_dir, VIEWS_DIR, name), np.concatenate(self.views))
         atomic_npy(os.path.join(out_dir, "image", name), np.concatenate(self.image))
         atomic_npy(os.path.join(out_dir, "text", name), text)
         atomic_npy(os.path.join(out_dir, "ids", name), np.concatenate(self.ids).astype(np.int64))
@@ -181,6 +201,10 @@ def _check_config(cfg: EmbedConfig) -> None:
         raise ValueError("out_dir must name a directory, got an empty string")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+    if views_of(cfg.augment, cfg.views, cfg.augment_seed) is not None and cfg.data.dataset == "wds":
+        raise ValueError(
+            "--augment: embed makes views of the map-style sources (fashion-mnist, csv), not --dataset wds"
+        )
 
 
 def _local_device() -> torch.device:
@@ -223,12 +247,17 @@ def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, com
     if hasattr(ds, "summary"):
         dataset_meta["summary"] = plain(ds.summary())
     meta = {"format": FORMAT, "model": model_meta(loaded), "dataset": dataset_meta, "shard_rows": cfg.shard_rows}
+    views = views_of(cfg.augment, cfg.views, cfg.augment_seed)
+    if views is not None:  # absent without --augment: a K = 1 manifest is the one written before views existed
+        meta["views"] = views.record()
+        ds = ViewsDataset(ds, views)
+    dirs = shard_dirs(meta)
     if bf16:  # absent = fp32, as every directory written before bf16 existed
         meta["precision"] = "bf16"
     if iterable:  # rows in tar order whatever the workers (older directories interleaved the workers' tars)
         meta["row_order"] = WDS_ROW_ORDER
 
-    for sub in SHARD_DIRS:
+    for sub in dirs:
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     manifest_path, summary_path = os.path.join(out_dir, "manifest.json"), os.path.join(out_dir, "embed.json")
     for path in (manifest_path, summary_path):
@@ -236,7 +265,7 @@ def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, com
         if stored is not None:
             refuse_other_run(out_dir, stored, meta, os.path.basename(path))
     if comm.rank == 0:  # before the barrier: no rank writes a shard while the leftovers are cleaned
-        clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in SHARD_DIRS))
+        clean_tmp(out_dir, *(os.path.join(out_dir, sub) for sub in dirs))
         if not os.path.isfile(manifest_path):
             atomic_json(manifest_path, meta)
         write_config(cfg, out_dir)
@@ -251,7 +280,7 @@ def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, com
     rows, workers, pin = cfg.shard_rows, cfg.data.workers, device.type == "cuda"
     counts = _tar_counts(ds, comm) if iterable else None
     if iterable and counts is None:  # remote tars (one process): read from the start, full shards reused
-        done = {k for k in _shards_listed(out_dir) if _shard_rows_on_disk(out_dir, k) == rows}
+        done = {k for k in _shards_listed(out_dir) if _shard_rows_on_disk(out_dir, k, dirs) == rows}
         total = max(0, int(getattr(ds, "num_samples", 0)) - len(done) * rows) if _countable(ds) else None
         batches = _stream_batches(ds, done, rows, cfg.batch_size, workers)
     else:
@@ -260,7 +289,7 @@ def _run(cfg: EmbedConfig, loaded: LoadedModel | None, device: torch.device, com
         if n_shards > MAX_SHARDS:
             raise ValueError(f"shard_rows {rows} gives {n_shards} shards for {n} rows (at most {MAX_SHARDS}): raise it")
         expected = [min(rows, n - k * rows) for k in range(n_shards)]
-        pending = [k for k in range(n_shards) if _shard_rows_on_disk(out_dir, k) != expected[k]]
+        pending = [k for k in range(n_shards) if _shard_rows_on_disk(out_dir, k, dirs) != expected[k]]
         mine = rank_shards(pending, comm.rank, comm.world)
         total = sum(expected[k] for k in mine)
         batches = (
@@ -310,8 +339,8 @@ def _tar_counts(ds, comm: Comm) -> list[int] | None:
 
 def _write_summary(out_dir: str, meta: dict, summary_path: str, images: float, seconds: float) -> dict:
     """The end of a run (rank 0, every rank's shards on disk): check them, write the id index, then embed.json."""
-    shards = _shards_listed(out_dir)
-    if shards != list(range(len(shards))) or any(_shard_rows_on_disk(out_dir, k) is None for k in shards):
+    shards, dirs = _shards_listed(out_dir), shard_dirs(meta)
+    if shards != list(range(len(shards))) or any(_shard_rows_on_disk(out_dir, k, dirs) is None for k in shards):
         raise ValueError(f"embed: {out_dir!r}: shards are missing after the run ({shards[:5]}…); rerun to redo them")
     first_image = np.load(os.path.join(out_dir, "image", shard_name(0)), mmap_mode="r") if shards else None
     # the id -> row index beside the features, before embed.json: readers open it instead of sorting every id
@@ -320,7 +349,7 @@ def _write_summary(out_dir: str, meta: dict, summary_path: str, images: float, s
     images = int(images)
     summary = {
         **meta,
-        "count": int(sum(_shard_rows_on_disk(out_dir, k) for k in shards)),
+        "count": int(sum(_shard_rows_on_disk(out_dir, k, dirs) for k in shards)),
         "dim": int(first_image.shape[1]) if first_image is not None else 0,
         "dtype": "float16",
         "shards": len(shards),
@@ -336,7 +365,7 @@ def _write_summary(out_dir: str, meta: dict, summary_path: str, images: float, s
 
 def _complete(out_dir: str, summary: dict) -> bool:
     """Whether every shard embed.json lists is on disk with the rows it counts."""
-    sizes = [_shard_rows_on_disk(out_dir, k) for k in range(summary["shards"])]
+    sizes = [_shard_rows_on_disk(out_dir, k, shard_dirs(summary)) for k in range(summary["shards"])]
     return None not in sizes and sum(sizes) == summary["count"] and _shards_listed(out_dir) == list(range(len(sizes)))
 
 
@@ -377,7 +406,14 @@ def _embed_batches(
                 if batch is not None:
                     with autocast():
                         features = image_features(model, batch["image"])
-                    current.add(batch, features)
+                        # views 1..K-1 a view at a time, batches of the image batch's rows (its shapes)
+                        views = batch.get("views")
+                        per_view = (
+                            [image_features(model, views[:, v]) for v in range(views.shape[1])]
+                            if views is not None
+                            else []
+                        )
+                    current.add(batch, features, torch.stack([features, *per_view], 1) if per_view else None)
                     bar.update(len(batch["caption"]))
                     bar.set_postfix(shard=k, refresh=False)
                 if last:
@@ -468,7 +504,8 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
     A mismatch is one ValueError line naming the field and both values.
 
     Returns ``{"image": ShardedRows [n, D] float16, "text": ShardedRows [n, D], "ids": int64 [n],
-    "labels": int64 [n], "meta": embed.json, "row_of": IdIndex}`` (``row_of(ids)`` -> rows).
+    "labels": int64 [n], "meta": embed.json, "row_of": IdIndex}`` (``row_of(ids)`` -> rows), and
+    ``"image_views": ShardedRows [n, K, D]`` when it was embedded with ``--augment`` (``meta["views"]``).
     """
     summary_path = os.path.join(path, "embed.json")
     meta = read_json(summary_path)
@@ -489,14 +526,15 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
         if plain(value) != have:
             raise ValueError(f"embeddings {path!r}: dataset field {key!r} is {short(have)}, expected {short(value)}")
 
-    columns: dict[str, list[np.ndarray]] = {sub: [] for sub in SHARD_DIRS}
+    dirs = shard_dirs(meta)
+    columns: dict[str, list[np.ndarray]] = {sub: [] for sub in dirs}
     for k in range(meta["shards"]):
-        for sub in SHARD_DIRS:
+        for sub in dirs:
             file = os.path.join(path, sub, shard_name(k))
             if not os.path.isfile(file):
                 raise ValueError(f"embeddings {path!r}: {sub}/{shard_name(k)} is missing (embed.json lists it)")
             columns[sub].append(np.load(file, mmap_mode="r"))
-        sizes = {len(columns[sub][-1]) for sub in SHARD_DIRS}
+        sizes = {len(columns[sub][-1]) for sub in dirs}
         if len(sizes) != 1:
             raise ValueError(f"embeddings {path!r}: shard {shard_name(k)} has different row counts {sorted(sizes)}")
     image, text = ShardedRows(columns["image"]), ShardedRows(columns["text"])
@@ -505,7 +543,10 @@ def load_embeddings(path: str, expect_model=None, expect_dataset=None) -> dict:
     ids = np.concatenate(columns["ids"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
     labels = np.concatenate(columns["labels"]).astype(np.int64) if meta["shards"] else np.zeros(0, np.int64)
     row_of = open_index(path, len(ids), ids)  # the persisted index (id_index.py), or one built from the ids
-    return {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": row_of}
+    out = {"image": image, "text": text, "ids": ids, "labels": labels, "meta": meta, "row_of": row_of}
+    if VIEWS_DIR in dirs:
+        out["image_views"] = ShardedRows(columns[VIEWS_DIR])
+    return out
 
 
 TRAINING_IDENTITY = ("dataset", "train_data", "corpus", "student_samples", "caption_noise", "data_seed",

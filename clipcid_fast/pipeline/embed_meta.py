@@ -56,6 +56,7 @@ def run_identity(meta: dict) -> dict:
         "shard_rows": meta["shard_rows"],
         "precision": meta.get("precision", "fp32"),
         "row_order": meta.get("row_order", "<as read>"),
+        "views": meta.get("views", "<none>"),
     }
 
 

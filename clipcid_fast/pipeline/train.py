@@ -16,7 +16,9 @@
 5. checkpoints (``checkpoint.py``) every ``--ckpt-every`` steps and at the end; ``--resume`` continues
    bit for bit from the latest (weights, recipe parameters, optimizer, scheduler, RNG, data position: the step on
    the map-style sources, the stream's position with ``--dataset wds``, ``stream.py``);
-6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint.
+6. a non-finite loss stops the run with the step and every term, leaving the last good checkpoint;
+7. ``--augment SPEC --views K``: each sample of each epoch trains on one of K augmented views, the teacher's
+   features of that view read from a cache embedded with the same setting (``augment.py``, ``batches.py``).
 
 Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt`` (+ ``.sha256``), ``student.pt``
 (weights + model config: ``clipcid-fast eval --model out_dir/student.pt``), ``summary.json``.
@@ -38,6 +40,7 @@ from ..recipes import RECIPES as TABLE
 from ..recipes import Recipe
 from . import checkpoint, data, embed, evaluate, models, preempt, reporting, run_folder, student_switches
 from ._io import atomic_bytes, atomic_json, atomic_torch, clean_tmp
+from .augment import Views, views_of
 from .batches import BatchBuilder, SampleStream
 from .comm import Comm, local_rank, run_stage
 from .config import RECIPES, TrainConfig, to_dict, write_config
@@ -141,6 +144,21 @@ def _check(cfg: TrainConfig, world: int = 1) -> None:
         )
 
 
+def _cache_views(views: Views, meta: dict, path: str) -> None:
+    """``--augment`` / ``--views`` / ``--augment-seed`` must be the ones the teacher cache was embedded with: its
+    ``image_views`` are the teacher's features of exactly those crops."""
+    recorded = meta.get("views")
+    if recorded is None:
+        raise ValueError(f"--augment {views.spec.canonical()!r}: --teacher-cache {path!r} holds no views (embedded "
+                         "without --augment); embed it with --views K --augment SPEC")  # fmt: skip
+    have = views.record()
+    for key, flag in (("augment", "--augment"), ("views", "--views"), ("augment_seed", "--augment-seed")):
+        if have[key] != recorded.get(key):
+            raise ValueError(f"{flag} {have[key]!r} differs from --teacher-cache {path!r}'s views (augment "
+                             f"{recorded.get('augment')!r}, views {recorded.get('views')}, augment_seed "
+                             f"{recorded.get('augment_seed')})")  # fmt: skip
+
+
 def _quiet(line: str) -> None:
     """A ``say`` for the ranks that do not print."""
 
@@ -185,7 +203,7 @@ class Prepared:
     def batch(self, i: int) -> dict:
         if self.builder is None:  # streamed: steps in order, from the start or the resumed data position
             return self.stream.batch(i)
-        return self.builder(self.stream.rows(i))
+        return self.builder(self.stream.rows(i), self.stream.epochs(i))
 
 
 def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
@@ -196,6 +214,10 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     device = _local_device()
     comm = comm if comm is not None else _comm(device)
     _check(cfg, comm.world)
+    views = views_of(cfg.augment, cfg.views, cfg.augment_seed)
+    if views is not None and cfg.data.dataset == "wds":
+        raise ValueError("--augment: the trainer makes views of the map-style sources (fashion-mnist, csv), "
+                         "not --dataset wds")  # fmt: skip
 
     # -- models
     torch.manual_seed(cfg.seed)
@@ -216,6 +238,9 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
     if cached_teacher or TABLE[cfg.recipe].labels:  # the pseudo-classes are indexed by cache row, online or not
         emb = embed.load_teacher_cache(cfg.teacher_cache, cfg.recipe, teacher, to_dict(cfg.data))
         cache = {"image": emb["image"], "text": emb["text"], "row_of": emb["row_of"]}
+        if views is not None and cached_teacher:
+            _cache_views(views, emb["meta"], cfg.teacher_cache)
+            cache["views"] = emb["image_views"]
     if streamed:  # every sample's id is looked up as it is read (a missing one is an error naming its shard)
         from .stream_train import StreamedBatches
 
@@ -240,7 +265,7 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
                 "would hold the same sample twice; use a smaller --batch-size"
             )
         stream = SampleStream(len(train_index), cfg.batch_size, cfg.seed, rank=comm.rank, world_size=comm.world)
-        builder = BatchBuilder(dataset, train_index, cache, labels)
+        builder = BatchBuilder(dataset, train_index, cache, labels, views=views, seed=cfg.seed)
         n_train, n_data = len(train_index), len(dataset)
     t_scale = None
     if teacher is not None:

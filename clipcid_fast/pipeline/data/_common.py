@@ -47,16 +47,20 @@ class TokenMemo:
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Stack a list of items into a batch: image [B,3,H,W], text [B,L], id / label int64 [B], caption list[str]."""
+    """Stack a list of items into a batch: image [B,3,H,W], text [B,L], id / label int64 [B], caption list[str]
+    (and views [B,K-1,3,H,W] where the items carry them)."""
     if not items:
         raise ValueError("collate: got an empty list of items")
-    return {
+    out = {
         "image": torch.stack([it["image"] for it in items]),
         "text": torch.stack([it["text"] for it in items]),
         "id": torch.tensor([it["id"] for it in items], dtype=torch.int64),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "caption": [it["caption"] for it in items],
     }
+    if "views" in items[0]:  # embed --augment: each item's augmented views [K-1, 3, H, W] (augment.ViewsDataset)
+        out["views"] = torch.stack([it["views"] for it in items])
+    return out
 
 
 def decode_image(data: bytes | str, where: str) -> Image.Image:

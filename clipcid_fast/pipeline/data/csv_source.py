@@ -109,14 +109,23 @@ class CsvDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict:
+    def _sample(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        i = int(self.order[index]) if self.order is not None else int(index) % len(self)
-        image = decode_image(self.paths[i], self._where(int(self.rows[i]), self.raw_paths[i]))
+        return int(self.order[index]) if self.order is not None else int(index) % len(self)
+
+    def _decode(self, i: int):
+        return decode_image(self.paths[i], self._where(int(self.rows[i]), self.raw_paths[i]))
+
+    def raw_image(self, index: int):
+        """Item ``index``'s decoded image before the preprocess (PIL): what an augmented view crops."""
+        return self._decode(self._sample(index))
+
+    def __getitem__(self, index: int) -> dict:
+        i = self._sample(index)
         caption = self.captions[i]
         return {
-            "image": self.preprocess(image),
+            "image": self.preprocess(self._decode(i)),
             "text": self.tokens(caption),
             "id": int(self.ids[i]),
             "caption": caption,

@@ -226,10 +226,17 @@ class FashionMnistDataset(Dataset):
     def __len__(self) -> int:
         return len(self.corpus)
 
-    def __getitem__(self, index: int) -> dict:
+    def _sample(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        i = int(self.order[index]) if self.order is not None else int(index) % len(self)
+        return int(self.order[index]) if self.order is not None else int(index) % len(self)
+
+    def raw_image(self, index: int):
+        """Item ``index``'s image before the preprocess (PIL, mode "L"): what an augmented view crops."""
+        return self.corpus.image(self._sample(index))
+
+    def __getitem__(self, index: int) -> dict:
+        i = self._sample(index)
         c = self.corpus
         return {
             "image": self.preprocess(c.image(i)),
