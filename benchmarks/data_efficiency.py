@@ -121,6 +121,7 @@ def _save_mask(path: str, mask: np.ndarray) -> str:
 
     buf = io.BytesIO()
     np.save(buf, mask)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_bytes(path, buf.getvalue())
     return path
 
