@@ -43,6 +43,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import near_duplicates
 from benchmarks.bench_recipes import add_size_args, regime_config
 from benchmarks.paired_stats import paired, summarize, t_value
 from benchmarks.recipe_study import append_csv
@@ -162,6 +163,12 @@ def run(cfg, args) -> dict:
     n = int(np.load(balance.keep_mask_path(bdir, args.eps_grid[0])).shape[0])
     cal = calibrate(summary, args.fractions)
     print("calibration: " + "; ".join(f"target {t:.0%}: eps {e:g} removes {f:.1%}" for t, (e, f) in cal.items()))
+    from clipcid_fast.pipeline.data.fashion_mnist import FashionMnistCorpus
+
+    dups = near_duplicates.lines(
+        near_duplicates.profile(FashionMnistCorpus(cfg.data), bdir, [e for e, _ in cal.values()])
+    )
+    print("\n".join(dups), flush=True)
     if args.calibrate_only:
         return {"calibration": cal}
     masks_dir = os.path.join(cfg.out_dir, "masks")
@@ -169,7 +176,7 @@ def run(cfg, args) -> dict:
     for t, (e, _) in cal.items():
         kept = int(np.load(balance.keep_mask_path(bdir, e)).sum())
         arms += [Arm("balance", t, e, kept), Arm("random", t, e, kept)]
-    out = {"calibration": cal, "arms": arms, "n": n, "runs": {}, "teacher": None}
+    out = {"calibration": cal, "arms": arms, "n": n, "runs": {}, "teacher": None, "duplicates": dups}
     out["teacher"] = headline(demo.teacher_eval_stage(cfg, root, teacher))
     for seed in args.seeds:
         for recipe in args.recipe_list:
@@ -242,7 +249,7 @@ def table(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int])
                          f"{_pm(s['summary'])} | {_pm(r['summary'])} | {_pm(d, True)} (t {t_value(d):+.1f}) | "
                          f"{_pm(s['vs_all'], True)} | {_pm(r['vs_all'], True)} |")  # fmt: skip
     lines.append(f"| teacher | | | | {100 * results['teacher'][metric]:.2f} | | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [f"* {line}" for line in results["duplicates"]])
 
 
 def csv_rows(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int]) -> list[dict]:
