@@ -149,37 +149,28 @@ def cluster_on(cfg, layout: demo.Layout, mask_path: str, name: str) -> str:
     return out
 
 
-def run(cfg, args) -> dict:
+def arms_for(cal: dict, bdir: str, n: int) -> list[Arm]:
+    """all, then per target fraction the balance mask of its eps and a random mask of the same size."""
     from clipcid_fast.pipeline import balance
 
-    tag = f"steps{cfg.steps}-b{cfg.batch_size}"
-    root = demo.Layout(cfg.out_dir)
-    teacher = demo.Teacher(cfg)
-    print(f"\n=== {cfg.out_dir}: embed", flush=True)
-    demo.embed_stage(cfg, root, teacher)
-    bcfg = dataclasses.replace(cfg, balance_eps_grid=sorted(set(args.eps_grid)))
-    summary = demo.balance_stage(bcfg, root)
-    bdir = root.balance(cfg.balance_k, cfg.balance_keep)
-    n = int(np.load(balance.keep_mask_path(bdir, args.eps_grid[0])).shape[0])
-    cal = calibrate(summary, args.fractions)
-    print("calibration: " + "; ".join(f"target {t:.0%}: eps {e:g} removes {f:.1%}" for t, (e, f) in cal.items()))
-    from clipcid_fast.pipeline.data.fashion_mnist import FashionMnistCorpus
-
-    dups = near_duplicates.lines(
-        near_duplicates.profile(FashionMnistCorpus(cfg.data), bdir, [e for e, _ in cal.values()])
-    )
-    print("\n".join(dups), flush=True)
-    if args.calibrate_only:
-        return {"calibration": cal}
-    masks_dir = os.path.join(cfg.out_dir, "masks")
     arms = [Arm("all", 0.0, None, n)]
     for t, (e, _) in cal.items():
         kept = int(np.load(balance.keep_mask_path(bdir, e)).sum())
         arms += [Arm("balance", t, e, kept), Arm("random", t, e, kept)]
-    out = {"calibration": cal, "arms": arms, "n": n, "runs": {}, "teacher": None, "duplicates": dups}
-    out["teacher"] = headline(demo.teacher_eval_stage(cfg, root, teacher))
-    for seed in args.seeds:
-        for recipe in args.recipe_list:
+    return arms
+
+
+def train_arms(cfg, eval_cfg, arms: list[Arm], bdir: str, recipes: list[str], seeds: list[int]) -> dict:
+    """{(recipe, arm tag, seed): headline metrics + train_seconds}: every arm trained through ``train --keep``
+    (``cfg``: the training corpus) and evaluated (``eval_cfg``: the demo's held-out split); seeds outermost."""
+    from clipcid_fast.pipeline import balance
+
+    tag = f"steps{cfg.steps}-b{cfg.batch_size}"
+    root = demo.Layout(cfg.out_dir)
+    masks_dir = os.path.join(cfg.out_dir, "masks")
+    n, runs = arms[0].kept, {}
+    for seed in seeds:
+        for recipe in recipes:
             for arm in arms:
                 if arm.name == "all":
                     mask = np.ones(n, dtype=bool)
@@ -196,11 +187,43 @@ def run(cfg, args) -> dict:
                 layout = demo.Layout(cfg.out_dir, run_tag=os.path.join(tag, f"{recipe}-{arm.tag}"))
                 t0 = time.perf_counter()
                 tr = demo.train_stage(cfg, layout, recipe, seed, **over)
-                res = headline(demo.student_eval_stage(cfg, layout, recipe, seed))
+                res = headline(demo.student_eval_stage(eval_cfg, layout, recipe, seed))
                 took, reused = time.perf_counter() - t0, " (reused)" if tr.get("reused") else ""
                 print(f"--- {recipe} {arm.tag} ({arm.kept} rows), seed {seed}: zero-shot "
                       f"{100 * res['zeroshot_top1']:.2f}{reused} [{took:.0f} s]", flush=True)  # fmt: skip
-                out["runs"][recipe, arm.tag, seed] = {**res, "train_seconds": tr.get("seconds_this_run")}
+                runs[recipe, arm.tag, seed] = {**res, "train_seconds": tr.get("seconds_this_run")}
+    return runs
+
+
+def balance_and_calibrate(cfg, root: demo.Layout, eps_grid: list[float], targets: list[float]):
+    """(balance folder, row count, {target: (eps, removed fraction)}) from one balance pass over ``eps_grid``."""
+    from clipcid_fast.pipeline import balance
+
+    summary = demo.balance_stage(dataclasses.replace(cfg, balance_eps_grid=sorted(set(eps_grid))), root)
+    bdir = root.balance(cfg.balance_k, cfg.balance_keep)
+    n = int(np.load(balance.keep_mask_path(bdir, eps_grid[0])).shape[0])
+    cal = calibrate(summary, targets)
+    print("calibration: " + "; ".join(f"target {t:.0%}: eps {e:g} removes {f:.1%}" for t, (e, f) in cal.items()))
+    return bdir, n, cal
+
+
+def run(cfg, args) -> dict:
+    from clipcid_fast.pipeline.data.fashion_mnist import FashionMnistCorpus
+
+    root = demo.Layout(cfg.out_dir)
+    teacher = demo.Teacher(cfg)
+    print(f"\n=== {cfg.out_dir}: embed", flush=True)
+    demo.embed_stage(cfg, root, teacher)
+    bdir, n, cal = balance_and_calibrate(cfg, root, args.eps_grid, args.fractions)
+    profile = near_duplicates.profile(FashionMnistCorpus(cfg.data), bdir, [e for e, _ in cal.values()])
+    dups = near_duplicates.lines(profile)
+    print("\n".join(dups), flush=True)
+    if args.calibrate_only:
+        return {"calibration": cal}
+    arms = arms_for(cal, bdir, n)
+    out = {"calibration": cal, "arms": arms, "n": n, "duplicates": dups}
+    out["teacher"] = headline(demo.teacher_eval_stage(cfg, root, teacher))
+    out["runs"] = train_arms(cfg, cfg, arms, bdir, args.recipe_list, args.seeds)
     return out
 
 
@@ -225,8 +248,9 @@ def _pm(s, signed: bool = False) -> str:
     return f"{100 * s.mean:{'+' if signed else ''}.2f} ± {se}"
 
 
-def table(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int]) -> str:
-    reg = demo.regime(cfg)
+def table(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int], reg: dict | None = None) -> str:
+    """``reg``: the corpus's student_samples and caption_noise (default: the demo regime's)."""
+    reg = reg or demo.regime(cfg)
     lines = [f"Student corpus {reg['student_samples']} images, caption noise {reg['caption_noise']:g}; "
              f"{cfg.steps} steps of {cfg.batch_size}; seeds {seeds} (n = {len(seeds)}); zero-shot top-1 (%), "
              f"mean ± SE; Δ = paired same-seed difference ± SE (t, {len(seeds) - 1} dof)", "",
@@ -252,8 +276,11 @@ def table(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int])
     return "\n".join(lines + [""] + [f"* {line}" for line in results["duplicates"]])
 
 
-def csv_rows(cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int]) -> list[dict]:
-    reg = demo.regime(cfg)
+def csv_rows(
+    cfg, results: dict, stats: dict, recipes: list[str], seeds: list[int], reg: dict | None = None
+) -> list[dict]:
+    """``reg``: the corpus's student_samples and caption_noise (default: the demo regime's)."""
+    reg = reg or demo.regime(cfg)
     n, rows = results["n"], []
     for recipe in recipes:
         for a in results["arms"]:
