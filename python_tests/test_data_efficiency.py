@@ -76,3 +76,31 @@ def test_analyse_pairs_by_seed_and_the_csv_holds_it(tmp_path):
     assert float(diff[0]["removed_fraction"]) == pytest.approx(0.3) and diff[0]["kept_rows"] == "700"
     values = [r for r in rows if r["stat"] == "value"]
     assert len(values) == 2 * 3 * len(seeds) * len(METRICS)  # recipes x arms x seeds x metrics
+
+
+def test_planted_corpus_holds_the_copies_it_says(tmp_path):
+    """Every planted row shows an augmented copy of its source image (close in pixels, not equal), with the
+    source's caption; the originals are the corpus's own images; the counts are the flags'."""
+    import argparse
+
+    from benchmarks import planted_duplicates as pd_
+    from clipcid_fast.pipeline.config import DataConfig
+    from clipcid_fast.pipeline.data.fashion_mnist import FashionMnistCorpus
+
+    args = argparse.Namespace(originals=20, duplicated=5, copies=2, student_samples=200, caption_noise=0.4)
+    csv_path, planted, source = pd_.build_corpus(args, str(tmp_path / "corpus"))
+    corpus = FashionMnistCorpus(DataConfig(student_samples=200, caption_noise=0.4))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) == 30 and planted.sum() == 10 and len(np.unique(source)) == 20
+    from PIL import Image
+
+    for row, copy, src in zip(rows, planted, source):
+        img = np.asarray(Image.open(tmp_path / "corpus" / row["filepath"]), dtype=np.float32)
+        orig = corpus.images[corpus.ids[src]].astype(np.float32)
+        assert row["title"] == corpus.caption(int(src)) and int(row["label"]) == corpus.labels[src]
+        if copy:
+            assert 0 < np.abs(img - orig).mean() < 0.1 * orig.mean() + 8
+        else:
+            np.testing.assert_array_equal(img, orig)
+    assert all(np.sum(source[planted] == s) == 2 for s in np.unique(source[planted]))
