@@ -310,26 +310,37 @@ def csv_rows(
 
 
 def plot(results: dict, stats: dict, recipes: list[str], path: Path, title: str) -> None:
-    """Per recipe: zero-shot top-1 against the fraction removed, balance and random (± 2 SE), 0 % shared."""
+    """Per recipe (column): zero-shot top-1 against the fraction removed, balance and random, 0 % shared (top), and
+    the paired difference balance − random (bottom); ± 2 SE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = results["n"]
-    fig, axes = plt.subplots(1, len(recipes), squeeze=False, figsize=(5.2 * len(recipes), 4.0))
-    for ax, recipe in zip(axes[0], recipes):
+    fig, axes = plt.subplots(2, len(recipes), squeeze=False, figsize=(5.2 * len(recipes), 6.6),
+                             gridspec_kw={"height_ratios": [3, 2]})  # fmt: skip
+    bar = lambda s: 0 if math.isnan(s.se) else 200 * s.se  # noqa: E731
+    for col, recipe in enumerate(recipes):
+        ax, dax = axes[0][col], axes[1][col]
         base = stats[recipe, "all", "zeroshot_top1"]["summary"]
         for name, style in (("balance", "o-"), ("random", "s--")):
             arms = [a for a in results["arms"] if a.name == name]
             xs = [0.0] + [100 * (1 - a.kept / n) for a in arms]
             ss = [base] + [stats[recipe, a.tag, "zeroshot_top1"]["summary"] for a in arms]
-            ax.errorbar(xs, [100 * s.mean for s in ss], yerr=[0 if math.isnan(s.se) else 200 * s.se for s in ss],
-                        fmt=style, capsize=3, label=f"{name} removal")  # fmt: skip
-        ax.set_xlabel("rows removed (%)")
+            ax.errorbar(xs, [100 * s.mean for s in ss], yerr=[bar(s) for s in ss], fmt=style, capsize=3,
+                        label=f"{name} removal")  # fmt: skip
         ax.set_ylabel("zero-shot top-1 (%), ± 2 SE")
         ax.set_title(recipe)
         ax.legend(fontsize=8)
+        arms = [a for a in results["arms"] if a.name == "balance"]
+        ds = [stats[recipe, a.tag, "zeroshot_top1"]["vs_random"] for a in arms]
+        dax.errorbar([100 * (1 - a.kept / n) for a in arms], [100 * d.mean for d in ds], yerr=[bar(d) for d in ds],
+                     fmt="o", capsize=3)  # fmt: skip
+        dax.axhline(0, color="grey", lw=0.8)
+        dax.set_xlim(ax.get_xlim())
+        dax.set_xlabel("rows removed (%)")
+        dax.set_ylabel("Δ balance − random (points,\npaired, ± 2 SE)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
