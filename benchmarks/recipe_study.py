@@ -217,8 +217,9 @@ def csv_rows(regime: str, cfg, variants: list[Variant], results: dict, stats: di
     return rows
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows (creating the file with its header); the machine and version columns are filled in here."""
+def append_csv(path: Path, rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> None:
+    """Append rows (creating the file with its header ``columns``); the machine and version columns are filled in
+    here (``data_efficiency.py`` writes its own columns through this too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fill = {
         "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
@@ -231,11 +232,11 @@ def append_csv(path: Path, rows: list[dict]) -> None:
     if path.exists():
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if header != list(COLUMNS):
-            raise ValueError(f"--csv {str(path)!r} has another header ({header}); expected {list(COLUMNS)}")
+        if header != list(columns):
+            raise ValueError(f"--csv {str(path)!r} has another header ({header}); expected {list(columns)}")
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
         for row in rows:

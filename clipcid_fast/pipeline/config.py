@@ -353,6 +353,13 @@ class TrainConfig:
     cluster_dir: Optional[str] = dataclasses.field(  # noqa: UP045
         default=None, metadata=_help("cid: clipcid-fast cluster output (centroids.npy, labels.npy)")
     )
+    keep: Optional[str] = dataclasses.field(  # noqa: UP045
+        default=None,
+        metadata=_help(
+            "train on these rows only: a bool [n] mask (.npy) over --teacher-cache's rows, e.g. a balance "
+            "keep_eps*.npy or a random subset; any recipe that reads the cache (cid: instead of --balance-dir)"
+        ),
+    )
     steps: int = dataclasses.field(default=300, metadata=_help("optimisation steps"))
     batch_size: int = dataclasses.field(default=256, metadata=_help("global batch size"))
     accum_freq: int = dataclasses.field(

@@ -341,11 +341,12 @@ def _finished_run(tcfg: TrainConfig) -> dict | None:
     return summary
 
 
-def train_stage(cfg: DemoConfig, layout: Layout, recipe: str, seed: int | None = None) -> dict:
-    """One recipe's run; a finished run with the same config is reused, an interrupted one resumed."""
+def train_stage(cfg: DemoConfig, layout: Layout, recipe: str, seed: int | None = None, **overrides) -> dict:
+    """One recipe's run; a finished run with the same config is reused, an interrupted one resumed. ``overrides``:
+    TrainConfig fields set over ``train_config``'s (``benchmarks/data_efficiency.py``: ``keep``, ``cluster_dir``)."""
     from . import train
 
-    tcfg = train_config(cfg, layout, recipe, seed)
+    tcfg = dataclasses.replace(train_config(cfg, layout, recipe, seed), **overrides)
     summary = _finished_run(tcfg)
     if summary is not None:
         return {**summary, "reused": True}

@@ -21,7 +21,17 @@ import time
 # config keys that never change what a run computes
 NEUTRAL = ("out_dir", "resume", "progress", "keep_checkpoints", "report_to")
 # config keys naming inputs: compared by content when the path differs
-INPUT_PATHS = ("teacher_cache", "balance_dir", "cluster_dir", "models.teacher_weights", "models.student_weights")
+INPUT_PATHS = (
+    "teacher_cache",
+    "balance_dir",
+    "cluster_dir",
+    "keep",
+    "models.teacher_weights",
+    "models.student_weights",
+)
+# input paths whose content must also match at the same path: a --keep mask is a small file a study rewrites (a
+# resume on other rows would mix two training sets); the folders above are compared by path, as they always were
+CONTENT_CHECKED = ("keep",)
 # files up to 1 MiB are hashed whole; larger ones (feature shards, per-row arrays: written whole by a rename or not
 # at all) by size, first and last 64 KiB, so fingerprinting a 10M-row cache reads ~150 MB, not all of it
 _WHOLE, _EDGE = 1 << 20, 64 << 10
@@ -137,3 +147,17 @@ def moved_inputs(saved_cfg: dict, saved_prints: dict | None, cfg: dict) -> tuple
             same.append(key)
             lines.append(f"--{key.split('.')[-1].replace('_', '-')} moved: {old} -> {new} (same content)")
     return same, lines
+
+
+def changed_inputs(saved_prints: dict | None, cfg: dict) -> list[str]:
+    """One line per ``CONTENT_CHECKED`` input whose content differs from the checkpoint's fingerprint of it (the
+    path itself is compared with the config, and a moved path by ``moved_inputs``)."""
+    lines = []
+    for key in CONTENT_CHECKED:
+        path = _get(cfg, key)
+        if not path or not saved_prints or key not in saved_prints:
+            continue
+        if fingerprint(path) != saved_prints[key]:
+            flag = "--" + key.split(".")[-1].replace("_", "-")
+            lines.append(f"{flag} {path!r} holds another content than when the run started")
+    return lines

@@ -6,7 +6,8 @@
    id, memory-mapped), checked against the teacher (weights fingerprint) and the dataset, so a step costs
    the student and the loss only; ``--online-teacher`` runs the frozen teacher every step instead;
 2. ``cid`` trains on the rows ``clipcid-fast balance`` kept (``--balance-dir``, ``--balance-eps``) with the
-   pseudo-classes of ``clipcid-fast cluster`` (``--cluster-dir``);
+   pseudo-classes of ``clipcid-fast cluster`` (``--cluster-dir``); ``--keep MASK.npy`` instead picks the cache
+   rows of any recipe that reads the cache (``keep_rows.py``);
 3. AdamW (no weight decay on gains, biases and logit scales, open_clip's rule), linear warm-up then cosine,
    gradient-norm clipping, the student's logit scale clamped to ln 100 after every step (open_clip), bf16
    autocast on CUDA and fp32 on CPU (bf16 matmul is slow on these CPUs);
@@ -44,6 +45,7 @@ from .augment import Views, views_of
 from .batches import BatchBuilder, SampleStream
 from .comm import Comm, local_rank, run_stage
 from .config import RECIPES, TrainConfig, to_dict, write_config
+from .keep_rows import check_keep_flags, load_keep
 from .progress import tqdm
 from .step import LOGIT_SCALE_MAX, TrainStep
 
@@ -54,9 +56,9 @@ __all__ = ["LOGIT_SCALE_MAX", "Prepared", "prepare", "run_train"]
 # inputs: teacher cache, balance mask, pseudo-classes (each read by the stage that wrote it)
 
 
-def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, str]:
+def _cid_inputs(cfg: TrainConfig, emb: dict, keep_row: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
     """(kept cache rows as bool [n], pseudo-class per cache row [n] — or, with ``--cd-topk k``, its k nearest
-    centres [n, k] —, centroids path)."""
+    centres [n, k] —, centroids path). ``keep_row``: the ``--keep`` mask, which stands for ``--balance-dir``'s."""
     from .balance import load_keep_mask, load_pseudo_classes, load_pseudo_topk
 
     n = len(emb["ids"])
@@ -67,7 +69,9 @@ def _cid_inputs(cfg: TrainConfig, emb: dict) -> tuple[np.ndarray, np.ndarray, st
         raise ValueError(f"--cd-topk must be an integer >= 0, got {topk!r}")
     labels, cent_path = load_pseudo_classes(cfg.cluster_dir, emb["image"])
     keep = np.ones(n, dtype=bool)
-    if cfg.balance_dir is not None:
+    if keep_row is not None:
+        keep = keep_row
+    elif cfg.balance_dir is not None:
         keep = load_keep_mask(cfg.balance_dir, cfg.balance_eps, n)
     kept = keep & (labels >= 0)
     return kept, (load_pseudo_topk(cfg.cluster_dir, labels, topk) if topk else labels), cent_path
@@ -132,6 +136,8 @@ def _check(cfg: TrainConfig, world: int = 1) -> None:
         if not (ok and math.isfinite(value)):  # NaN fails every comparison: it is named here, not at step 1
             raise ValueError(f"{flag} must be finite and {rule}, got {value}")
     reporting.parse(cfg.report_to)
+    reads_cache = TABLE[cfg.recipe].labels or (TABLE[cfg.recipe].teacher and not cfg.online_teacher)
+    check_keep_flags(cfg.keep, cfg.balance_dir, TABLE[cfg.recipe].labels, reads_cache, cfg.recipe)
     if cfg.local_loss and cfg.recipe != "distill":
         raise ValueError(
             f"--local-loss applies to --recipe distill (open_clip's DistillClipLoss); {cfg.recipe}'s losses are over "
@@ -241,11 +247,13 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
         if views is not None and cached_teacher:
             _cache_views(views, emb["meta"], cfg.teacher_cache)
             cache["views"] = emb["image_views"]
+        # --keep (any recipe reading the cache; _check refused it elsewhere): the cache rows this run trains on
+        kept_rows = load_keep(cfg.keep, len(emb["ids"])) if cfg.keep is not None else None
     if streamed:  # every sample's id is looked up as it is read (a missing one is an error naming its shard)
         from .stream_train import StreamedBatches
 
         if TABLE[cfg.recipe].labels:
-            kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+            kept_rows, labels, centroids = _cid_inputs(cfg, emb, kept_rows)
         stream = StreamedBatches(cfg, comm, student, cache, labels, kept_rows)
         builder, n_train, n_data = None, stream.train_samples, stream.dataset_samples
     elif cached_teacher:
@@ -256,10 +264,12 @@ def prepare(cfg: TrainConfig, comm: Comm | None = None) -> Prepared:
             )
     if not streamed:
         if TABLE[cfg.recipe].labels:
-            kept_rows, labels, centroids = _cid_inputs(cfg, emb)
+            kept_rows, labels, centroids = _cid_inputs(cfg, emb, kept_rows)
+        if kept_rows is not None:  # cid's kept rows, or --keep's
             train_index = train_index[np.isin(ds_ids, np.asarray(emb["ids"])[kept_rows])]
         if cfg.batch_size > len(train_index):  # the stream would repeat rows in a batch: a sample its own negative
-            kept = " (the rows cid keeps)" if TABLE[cfg.recipe].labels else ""
+            kept = " (the rows --keep keeps)" if cfg.keep is not None else ""
+            kept = kept or (" (the rows cid keeps)" if TABLE[cfg.recipe].labels else "")
             raise ValueError(
                 f"--batch-size {cfg.batch_size} is larger than the {len(train_index)} training rows{kept}: a batch "
                 "would hold the same sample twice; use a smaller --batch-size"
@@ -358,6 +368,7 @@ def _resume_point(cfg: TrainConfig, cfg_dict: dict, ckpt_dir: str, root: bool) -
         ignore=(),
         defaults=run_folder.comparable(to_dict(TrainConfig())),
     )
+    diff += run_folder.changed_inputs(resume.get("inputs"), cfg_dict)
     if diff:
         raise ValueError(f"--resume: the checkpoint in {out!r} was written with another config: {'; '.join(diff)}")
     threads = torch.get_num_threads()
