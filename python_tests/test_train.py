@@ -849,8 +849,8 @@ def test_nan_midway_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch
     class Poisoned(BatchBuilder):
         calls = 0
 
-        def __call__(self, rows):
-            batch = super().__call__(rows)
+        def __call__(self, rows, epochs=None):
+            batch = super().__call__(rows, epochs)
             Poisoned.calls += 1
             if Poisoned.calls == 3:  # step 3's batch: the step-2 checkpoint is on disk
                 with open(ckpt, "rb") as f:
