@@ -583,6 +583,18 @@ def plot(
     return out
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` through a temporary file and a rename (a reader never sees half a PNG), then
+    close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------

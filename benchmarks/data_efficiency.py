@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks import near_duplicates
+from benchmarks._harness import save_figure
 from benchmarks.bench_recipes import add_size_args, regime_config
 from benchmarks.paired_stats import paired, summarize, t_value
 from benchmarks.recipe_study import append_csv
@@ -343,11 +344,7 @@ def plot(results: dict, stats: dict, recipes: list[str], path: Path, title: str)
         dax.set_ylabel("Δ balance − random (points,\npaired, ± 2 SE)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from benchmarks._harness import device_name, git_sha
+from benchmarks._harness import device_name, git_sha, save_figure
 from benchmarks.bench_recipes import REGIMES, _version, add_size_args, regime_config
 from benchmarks.paired_stats import best_other, paired, summarize, t_value
 from benchmarks.study_variants import Variant, parse_variant, parse_variants
@@ -267,11 +267,7 @@ def plot(panels: dict, path: Path, title: str) -> None:
             ax.set_title(f"{regime}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
